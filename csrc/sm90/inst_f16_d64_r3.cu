@@ -1,0 +1,6 @@
+// gna_flex sm90 kernel instantiation: f16, head_dim 64, 3-D grid.
+#include "gna_fwd_launch.cuh"
+
+namespace gna_flex::sm90 {
+template std::string launch_gna_fwd_sm90<cutlass::half_t, 64, 3>(const GnaFwdParams&, cudaStream_t);
+}  // namespace gna_flex::sm90

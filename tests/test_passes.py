@@ -1,0 +1,267 @@
+"""Unit tests of gna_flex.passes: Rule, matching, decision, the rewritten op, explain tables."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from gna_flex.passes import Rule
+from gna_flex.passes.decide import decide_sdpa, predict_speedup
+from gna_flex.passes.explain import ExplainRow, Explanation
+from gna_flex.passes.match import find_attention, normalize_module_path, normalize_sdpa_args
+from gna_flex.passes.rewrite import gna_attention, rewritten_attention
+from gna_flex.reference import dense_mask
+from gna_flex.spec import make_params
+
+# --------------------------------------------------------------------------- Rule
+
+
+def test_rule_fields_and_seq_len():
+    rule = Rule(grid=(3, 4, 5), kernel_size=(2, 3, 3), stride=(1, 2, 3), extra_tokens=7, module=r"blocks\.\d+\.attn")
+    assert rule.params.grid == (3, 4, 5)
+    assert rule.params.stride == (1, 2, 3)
+    assert rule.seq_len == 60 + 7
+    assert rule.matches_module("blocks.12.attn")
+    assert not rule.matches_module("blocks.1.attn.inner")  # whole-path match
+    assert not rule.matches_module("blocks.1.cross")
+    assert Rule(grid=8, kernel_size=3).matches_module("anything")
+    assert "grid=3x4x5" in rule.describe() and "extra=7@end" in rule.describe()
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(grid=(0, 4), kernel_size=2), ValueError, ["grid[0]", "axis 0"]),
+        (dict(grid=(4, 4), kernel_size=(2, 5)), ValueError, ["kernel_size[1]", "axis 1"]),
+        (dict(grid=(4, 4), kernel_size=1), ValueError, ["kernel_size[0]", ">= 2"]),
+        (dict(grid=(4, 4), kernel_size=3, stride=4), ValueError, ["stride[0]"]),
+        (dict(grid=(4, 4), kernel_size=(3, 3, 3)), ValueError, ["kernel_size", "2 axes"]),
+        (dict(grid=(4, 4), kernel_size=2.5), TypeError, ["kernel_size"]),
+        (dict(grid=(4, 4), kernel_size=2, extra_tokens=-1), ValueError, ["extra_tokens"]),
+        (dict(grid=(4, 4), kernel_size=2, extra_tokens=1.0), TypeError, ["extra_tokens"]),
+        (dict(grid=(4, 4), kernel_size=2, extra_position="middle"), ValueError, ["extra_position"]),
+        (dict(grid=(4, 4), kernel_size=2, module="blocks.(["), ValueError, ["module"]),
+        (dict(grid=(4, 4), kernel_size=2, module=3), TypeError, ["module"]),
+        (dict(grid=(4, 4), kernel_size=2, min_speedup=-1.0), ValueError, ["min_speedup"]),
+        (dict(grid=(4, 4), kernel_size=2, min_speedup="fast"), TypeError, ["min_speedup"]),
+        (dict(grid=(4, 4), kernel_size=2, backend="cuda"), ValueError, ["backend"]),
+    ],
+)
+def test_rule_rejects_bad_fields(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        Rule(**kwargs)
+    for w in words:
+        assert w in str(info.value)
+
+
+# --------------------------------------------------------------------------- matching
+
+
+@pytest.mark.parametrize(
+    "raw, path",
+    [
+        ("L['self'].blocks.0.attn", "blocks.0.attn"),
+        ("L['self'].blocks[0].attn", "blocks.0.attn"),
+        ("L['self']._modules['blocks']._modules['3']._modules['attn']", "blocks.3.attn"),
+        ("L['s'].attn", "attn"),
+        ("L['self']", ""),
+    ],
+)
+def test_normalize_module_path(raw, path):
+    assert normalize_module_path(raw) == path
+
+
+def _dynamo_graph(fn, *args):
+    """The Dynamo FX graph(s) of fn(*args) and their example inputs."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, fullgraph=True)(*args)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def _qkv(b=2, h=2, s=24, d=8, hk=None):
+    hk = h if hk is None else hk
+    return torch.randn(b, h, s, d), torch.randn(b, hk, s, d), torch.randn(b, hk, s, d)
+
+
+def test_find_attention_normalises_args_and_kwargs():
+    def fn(q, k, v):
+        a = F.scaled_dot_product_attention(q, k, v)
+        b = F.scaled_dot_product_attention(q, k, v, None, 0.0, False, scale=0.5)
+        c = F.scaled_dot_product_attention(query=q, key=k, value=v, is_causal=True)
+        return a + b + c
+
+    gm, inputs = _dynamo_graph(fn, *_qkv())
+    calls = find_attention(gm, inputs)
+    assert [c.kind for c in calls] == ["sdpa"] * 3
+    assert all(c.query_shape == (2, 2, 24, 8) for c in calls)
+    assert [c.args["scale"] for c in calls] == [None, 0.5, None]
+    assert [c.args["is_causal"] for c in calls] == [False, False, True]
+    assert all(c.args["attn_mask"] is None for c in calls)
+    assert all(c.dtype == torch.float32 for c in calls)
+
+
+def test_find_attention_in_hand_built_graph():
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, enable_gqa=True)
+
+    gm = fx.symbolic_trace(M())
+    calls = find_attention(gm)
+    assert len(calls) == 1 and calls[0].node.target is F.scaled_dot_product_attention
+    assert normalize_sdpa_args(calls[0].node)["enable_gqa"] is True
+    # No shapes were recorded by symbolic tracing: never rewritten.
+    d = decide_sdpa(calls[0], [Rule(grid=(4, 6), kernel_size=3, min_speedup=0)])
+    assert not d.rewrite and "4-D" in d.reason
+
+
+def _decide(fn, rules, *args):
+    gm, inputs = _dynamo_graph(fn, *args)
+    calls = find_attention(gm, inputs)
+    assert len(calls) == 1
+    return decide_sdpa(calls[0], rules)
+
+
+RULE = Rule(grid=(4, 6), kernel_size=3, min_speedup=0, backend="reference")
+
+
+@pytest.mark.parametrize(
+    "fn, words",
+    [
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(24, 24, dtype=torch.bool)),
+         "attn_mask"),
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "is_causal"),
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1), "dropout_p"),
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k[:, :, :10], v[:, :, :10]), "cross-attention"),
+        (lambda q, k, v: F.scaled_dot_product_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20]), "length 20"),
+    ],
+)
+def test_decide_reasons(fn, words):
+    d = _decide(fn, [RULE], *_qkv())
+    assert not d.rewrite
+    assert words in d.reason
+
+
+def test_decide_rewrites_matching_call_and_reports_speedup():
+    d = _decide(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [RULE], *_qkv())
+    assert d.rewrite and d.rule is RULE and d.rule_index == 0
+    assert d.speedup is not None and d.speedup > 0 and d.path == "flex"
+
+
+def test_decide_first_matching_rule_wins_and_module_filter():
+    wrong_len = Rule(grid=(5, 6), kernel_size=3, min_speedup=0)
+    other_module = Rule(grid=(4, 6), kernel_size=3, min_speedup=0, module="nothing")
+    d = _decide(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [wrong_len, other_module, RULE], *_qkv())
+    assert d.rewrite and d.rule_index == 2
+    d = _decide(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [wrong_len, other_module], *_qkv())
+    assert not d.rewrite
+    assert "rule 0: length 24" in d.reason and "rule 1: module" in d.reason
+
+
+def test_decide_min_speedup_blocks_rewrite():
+    slow = Rule(grid=(4, 6), kernel_size=3, min_speedup=1e6)
+    d = _decide(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [slow], *_qkv())
+    assert not d.rewrite and "min_speedup" in d.reason and d.speedup is not None
+
+
+def test_decide_gqa_needs_enable_gqa():
+    q, k, v = _qkv(h=4, hk=2)
+    d = _decide(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), [RULE], q, k, v)
+    assert d.rewrite
+
+
+def test_predicted_speedup_grows_with_sparsity():
+    big = (30, 48, 80)
+    dense_like = Rule(grid=big, kernel_size=(30, 48, 80), min_speedup=0)
+    sparse = Rule(grid=big, kernel_size=(18, 24, 24), stride=(16, 8, 8), extra_tokens=256, min_speedup=0)
+    args = (24, 128, 1, torch.bfloat16, torch.device("cuda"), "kernel")
+    assert predict_speedup(sparse, *args) > 2 * predict_speedup(dense_like, *args)
+
+
+# --------------------------------------------------------------------------- the rewritten computation
+
+
+def _expected(q, k, v, params, extra, extra_first, scale=None, gqa=False):
+    """Dense attention under the reference GNA mask, fp64."""
+    mask = dense_mask(params, extra)
+    if extra_first and extra:
+        n = params.num_tokens
+        order = torch.cat([torch.arange(n, n + extra), torch.arange(n)])
+        mask = mask[order][:, order]
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale,
+                                          enable_gqa=gqa)
+
+
+@pytest.mark.parametrize("extra_first", [False, True])
+@pytest.mark.parametrize(
+    "grid, ks, st, di, extra",
+    [((5, 7), (3, 4), (1, 2), (1, 1), 3), ((3, 4, 5), (2, 3, 2), (2, 1, 2), (1, 1, 2), 0), ((20,), 6, 3, 2, 5)],
+)
+def test_gna_attention_matches_reference(grid, ks, st, di, extra, extra_first):
+    params = make_params(grid, ks, st, di)
+    s = params.num_tokens + extra
+    q, k, v = _qkv(b=2, h=3, s=s, d=8)
+    out = gna_attention(q, k, v, params.grid, params.kernel_size, params.stride, params.dilation, params.is_causal,
+                        extra, extra_first, None, False, "reference")
+    assert out.shape == (2, 3, s, 8) and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, _expected(q, k, v, params, extra, extra_first).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_gna_attention_gqa_scale_and_grid_queries_only():
+    params = make_params((4, 6), 3, 2)
+    n, e = params.num_tokens, 4
+    q, k, v = _qkv(b=1, h=4, hk=2, s=n + e, d=8)
+    args = (params.grid, params.kernel_size, params.stride, params.dilation, params.is_causal, e, False, 0.3, True,
+            "reference")
+    out = gna_attention(q, k, v, *args)
+    expected = _expected(q, k, v, params, e, False, scale=0.3, gqa=True).float()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # flex-style call: grid queries only, keys padded past grid + extra (ignored).
+    pad = torch.randn(1, 2, 5, 8)
+    out = gna_attention(q[:, :, :n], torch.cat([k, pad], 2), torch.cat([v, pad], 2), *args)
+    torch.testing.assert_close(out, expected[:, :, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_rewritten_attention_op_registration():
+    params = make_params((3, 5), (2, 3))
+    q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=2, s=params.num_tokens + 2, d=8))
+    args = (q, k, v, list(params.grid), list(params.kernel_size), list(params.stride), list(params.dilation),
+            list(params.is_causal), 2, False, None, False, "reference")
+    torch.library.opcheck(rewritten_attention, args)
+    out = rewritten_attention(*args)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _expected(qd, kd, vd, params, 2, False)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (qd, kd, vd))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r.float(), atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- explain tables
+
+
+def test_explanation_prints_a_table():
+    rows = Explanation([
+        ExplainRow(0, "blocks.0.attn", "SelfAttention", "sdpa", "q 1x2x3x4", "float32", "0: grid=4x6 kernel=3",
+                   2.5, "flex", True, "predicted speedup 2.50x >= min_speedup 1.1"),
+        ExplainRow(0, "", "M", "sdpa", "q 1x2x3x4", "float32", "", None, "", False, "no rules given"),
+    ])
+    text = str(rows)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["graph", "module", "kind"]
+    assert "blocks.0.attn" in lines[2] and "2.50x" in lines[2] and "yes" in lines[2]
+    assert "<root>" in lines[3] and "no rules given" in lines[3]
+    assert lines[-1] == "1 of 2 attention calls rewritten to GNA"
+    assert rows.num_rewritten == 1
+    assert math.isclose(rows[0].asdict()["predicted_speedup"], 2.5)
+    assert "no attention calls" in str(Explanation())
