@@ -81,6 +81,10 @@ def spot_check(cfg: dict, rule: Rule, device: torch.device, rows: int = 64, text
     return float((out[:, :, picked].float() - ref).abs().max())
 
 
+def _log(message: str) -> None:
+    print(f"bench_backend: {message}", flush=True)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = DRY if args.dry_run else FULL
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -119,12 +123,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["flop_bound"] = dense_pairs / allowed
 
     with torch.no_grad():
+        _log(f"compiling the dense stack ({dense_backend})")
         dense = torch.compile(model, backend=dense_backend)
         ms, _ = common.wall_ms(lambda: dense(*inputs), device)
         result["compile_dense_s"] = ms / 1e3
+        _log(f"compiling the gna stack ({result['compile_dense_s']:.1f} s for the dense one)")
         gna = torch.compile(model, backend=gna_backend, options=options)
         ms, _ = common.wall_ms(lambda: gna(*inputs), device)
         result["compile_gna_s"] = ms / 1e3
+        _log(f"timing ({result['compile_gna_s']:.1f} s to compile the gna stack)")
         rows = explain(gna)
         result["explain"] = [r.asdict() for r in rows]
         result["explain_table"] = str(rows)
@@ -154,6 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                               cfg["batch"], result["dense_sdpa_ms"])
         result["gna_attention_useful_tflops"] = common.attention_tflops(
             allowed + e * (n + e), cfg["heads"], cfg["head_dim"], cfg["batch"], result["gna_attention_ms"])
+        _log("spot check")
         result["spot_check_max_abs_err"] = spot_check(cfg, rule, device)
         tol = 1e-4 if cfg["dtype"] == torch.float32 else 5e-2
         result["spot_check_tolerance"] = tol
@@ -169,7 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, default=2, help="number of DiT blocks (default 2)")
     parser.add_argument("--rep-ms", type=int, default=5000,
                         help="do_bench repetition budget for the whole stack, in ms (default 5000)")
-    parser.add_argument("--out", type=Path, default=None, help="result file (default benchmarks/results/backend-<card>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result file (default benchmarks/results/backend-<card>.json)")
     args = parser.parse_args(argv)
     try:
         result = run(args)
@@ -177,7 +186,8 @@ def main(argv=None) -> int:
         traceback.print_exc()
         result = {**common.environment(), "benchmark": "bench_backend", "dry_run": args.dry_run,
                   "error": f"{type(error).__name__}: {error}"}
-    out = args.out or common.RESULTS / f"backend-{common.card_slug(result.get('card'))}{'-dry' if args.dry_run else ''}.json"
+    suffix = "-dry" if args.dry_run else ""
+    out = args.out or common.RESULTS / f"backend-{common.card_slug(result.get('card'))}{suffix}.json"
     common.write_json(out, result)
     if "explain_table" in result:
         print(result["explain_table"])

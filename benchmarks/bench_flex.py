@@ -215,6 +215,8 @@ def run_config(cfg: Config, opt_names: list[str], args, device, dtype, baselines
         qt, lay = permute(q.movedim(-2, 1), cfg.grid, tile, heads_last=False)
         kt, _ = permute(k.movedim(-2, 1), cfg.grid, tile, heads_last=False, extra=kv_len - sg)
         vt, _ = permute(v.movedim(-2, 1), cfg.grid, tile, heads_last=False, extra=kv_len - sg)
+        # permute may return a strided view (1-D, no padding); time the kernel on contiguous inputs
+        qt, kt, vt = qt.contiguous(), kt.contiguous(), vt.contiguous()
         visited = build["partial_blocks"] + build["full_blocks"]
         block_bound = build["q_blocks"] * build["kv_blocks"] / max(1, visited)
         for name in opt_names:

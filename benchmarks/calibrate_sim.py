@@ -23,6 +23,25 @@ in ``gna_flex/sim/calibration.json``.
     python benchmarks/calibrate_sim.py --write    # ... and update the package constants
     python benchmarks/calibrate_sim.py --dry-run  # no GPU: synthetic timings, checks the fit and the report
     python benchmarks/calibrate_sim.py --cpu-smoke  # no GPU: the measuring code on tiny CPU shapes
+    python benchmarks/calibrate_sim.py --head-dims 64   # also measure head dim 64: fit its efficiency
+    python benchmarks/calibrate_sim.py --from-results benchmarks/results/calibrate-h200.json \
+        benchmarks/results/kernel-h200.json --write   # no GPU: refit from saved result files
+
+Head-dim efficiency (see ``gna_flex.sim.cost.head_dim_efficiency``): the
+rates are fitted at the reference head dim (``--head-dim``, 128). Every
+record at another head dim -- measured here with ``--head-dims``, or read from
+any result file that ``compare_sim.py`` understands (``bench_kernel.py``'s
+``runs.d64`` holds the kernel and cuDNN at head dim 64) -- goes into a
+one-parameter fit per part (dense, kernel, flex) and head dim: the factor on
+the compute rates that minimises the squared relative error, with launch and
+permutation time held at their reference values. The reference head dim has
+factor 1.0 by definition; a part with no record at a head dim gets no entry
+there (the model then interpolates and marks the head dim as not measured).
+
+``--from-results`` refits from saved files, no GPU: the base constants from
+the records of ``calibrate_sim.py`` result files among them (their card,
+torch version and measurement date are kept; none given: the packaged
+constants stay), the efficiencies from all records of all files.
 """
 
 from __future__ import annotations
@@ -44,6 +63,8 @@ import torch
 
 from gna_flex.sim import simulate
 from gna_flex.sim.cost import (
+    PATHS,
+    _dtype_info,
     cost_features,
     dense_time_ms,
     device_family,
@@ -242,7 +263,10 @@ def _record(name, params, tile, extra, heads, head_dim, batch, dtype, dense_ms, 
 
 def synthetic(configs, heads, head_dim, batch, dtype, family: str, with_kernel: bool, seed: int = 0,
               constants: Optional[dict] = None, noise: float = 0.05) -> list[dict]:
-    """Timings from ``constants`` (default: the packaged ones) with relative noise (``--dry-run``: no GPU)."""
+    """Timings from ``constants`` (default: the packaged ones) with relative noise (``--dry-run``: no GPU).
+
+    The compute rates are scaled by the constants' head-dim efficiency at ``head_dim``.
+    """
     rng = np.random.default_rng(seed)
     consts = constants if constants is not None else load_calibration()["families"][family]
     out = []
@@ -256,7 +280,7 @@ def synthetic(configs, heads, head_dim, batch, dtype, family: str, with_kernel: 
 
         f = cost_features(rep, heads, head_dim, batch, dtype, "flex")
         flex = sum(path_time_ms(consts, "flex", len(grid), f["full_tflop"], f["partial_tflop"],
-                                f["permute_gb"]).values())
+                                f["permute_gb"], head_dim).values())
         perm = path_time_ms(consts, "flex", len(grid), 0.0, 0.0, f["permute_gb"])["permute_ms"]
         kern = None
         if with_kernel:
@@ -264,9 +288,9 @@ def synthetic(configs, heads, head_dim, batch, dtype, family: str, with_kernel: 
                           **path_simulate_kwargs("kernel"))
             fk = cost_features(rk, heads, head_dim, batch, dtype, "kernel")
             kern = noisy(sum(path_time_ms(consts, "kernel", len(grid), fk["full_tflop"], fk["partial_tflop"],
-                                          0.0).values()))
+                                          0.0, head_dim).values()))
         out.append(_record(name, params, tile, extra, heads, head_dim, batch, dtype,
-                           noisy(dense_time_ms(consts, f["dense_tflop"])), noisy(flex), noisy(perm), kern))
+                           noisy(dense_time_ms(consts, f["dense_tflop"], head_dim)), noisy(flex), noisy(perm), kern))
     return out
 
 
@@ -295,8 +319,14 @@ def report_of(rec: dict, path: str = "flex"):
                     extra_tokens=rec["extra_tokens"], **path_simulate_kwargs(path))
 
 
-def fit(records: list[dict], family: str, card: str, torch_version: str) -> dict:
-    """Fitted constants for ``family`` in calibration.json form (unfitted terms keep their old values)."""
+def fit(records: list[dict], family: str, card: str, torch_version: str, date: Optional[str] = None,
+        source: Optional[str] = None) -> dict:
+    """Fitted constants for ``family`` in calibration.json form (unfitted terms keep their old values).
+
+    ``date`` (default today) and ``source`` (default: the configs fitted) are
+    stored with the constants; the head-dim efficiency table is kept as it was
+    (refit it with :func:`fit_head_dim_efficiency`).
+    """
     old = load_calibration()["families"][family]
     new = copy.deepcopy(old)
     feats = [(rec, report_of(rec)) for rec in records]
@@ -359,12 +389,105 @@ def fit(records: list[dict], family: str, card: str, torch_version: str) -> dict
 
     new["status"] = "calibrated"
     new["card"] = card
-    new["date"] = dt.date.today().isoformat()
+    new["date"] = date or dt.date.today().isoformat()
     new["torch"] = torch_version
     new["dtype"] = records[0]["dtype"]
-    new["source"] = (f"benchmarks/calibrate_sim.py: non-negative least squares on relative error over "
-                     f"{len(records)} configs ({', '.join(r['name'] for r in records)})")
+    new["source"] = source or (f"benchmarks/calibrate_sim.py: non-negative least squares on relative error over "
+                               f"{len(records)} configs ({', '.join(r['name'] for r in records)})")
     return new
+
+
+def _compare_module():
+    """benchmarks/compare_sim.py (its result-file readers), loaded by path so this works as a script or module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_sim", Path(__file__).resolve().parent / "compare_sim.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def normalised(records: list[dict]) -> list[dict]:
+    """This script's records in compare_sim.py's form (problem, ``times`` per path, ``dense_ms``)."""
+    return _compare_module().records_of({"records": records})
+
+
+def _efficiency_rows(rec: dict, consts: dict) -> list[tuple[str, float, float, float]]:
+    """``(part, compute_ms at factor 1, other_ms, measured_ms)`` for each time of one normalised record."""
+    out = []
+    kv_tile = rec["kv_tile"] or rec["q_tile"]
+    args = (int(rec["heads"]), int(rec["head_dim"]), int(rec["batch"]), rec["dtype"])
+    for path, measured in rec["times"].items():
+        if measured is None:
+            continue
+        model_path = "flex" if path == "flex-nopermute" else path
+        if model_path not in PATHS:
+            continue
+        rep = simulate(rec["grid"], rec["kernel_size"], rec["stride"], rec["dilation"], rec["is_causal"],
+                       q_tile=rec["q_tile"], kv_tile=kv_tile, extra_tokens=int(rec["extra_tokens"]),
+                       **path_simulate_kwargs(model_path))
+        f = cost_features(rep, *args, model_path, float(consts.get("float32_slowdown", 1.0)))
+        t = path_time_ms(consts, model_path, len(rec["grid"]), f["full_tflop"], f["partial_tflop"], f["permute_gb"])
+        other = t["launch_ms"] + (0.0 if path == "flex-nopermute" else t["permute_ms"])
+        out.append((model_path, t["full_ms"] + t["partial_ms"], other, float(measured)))
+    if rec.get("dense_ms"):
+        rep = simulate(rec["grid"], rec["kernel_size"], rec["stride"], rec["dilation"], rec["is_causal"],
+                       q_tile=rec["q_tile"], kv_tile=kv_tile, extra_tokens=int(rec["extra_tokens"]),
+                       **path_simulate_kwargs("kernel"))
+        f = cost_features(rep, *args, "kernel", float(consts.get("float32_slowdown", 1.0)))
+        launch = consts["dense"]["launch_us"] * 1e-3
+        out.append(("dense", dense_time_ms(consts, f["dense_tflop"]) - launch, launch, float(rec["dense_ms"])))
+    return out
+
+
+def fit_head_dim_efficiency(records: list[dict], constants: dict, reference: int, files: Optional[list[str]] = None,
+                            dtype: str = "bfloat16") -> dict:
+    """The ``head_dim_efficiency`` table for ``constants`` (one family) from normalised records.
+
+    For each part (dense, kernel, flex) and each head dim other than
+    ``reference`` with records in ``dtype``: the factor ``e`` on the compute
+    rates minimising ``sum(((other + compute / e - t) / t) ** 2)`` (launch and
+    permutation time held), a closed-form least squares in ``1 / e``. The
+    reference head dim gets 1.0. ``fitted_from`` lists, per part and head dim,
+    the record count, source files and the in-sample errors of the fit.
+    """
+    groups: dict[tuple[str, int], list[tuple[float, float, float, str]]] = {}
+    for rec in records:
+        if int(rec["head_dim"]) == reference or _dtype_info(rec["dtype"])[0] != _dtype_info(dtype)[0]:
+            continue
+        for part, compute, other, t in _efficiency_rows(rec, constants):
+            groups.setdefault((part, int(rec["head_dim"])), []).append((compute, other, t, rec.get("file", "?")))
+    table: dict[str, Any] = {"reference": reference, "dtype": dtype}
+    fitted_from: dict[str, dict[str, Any]] = {}
+    for part in ("dense",) + PATHS:
+        table[part] = {str(reference): 1.0}
+    for (part, d), rows in sorted(groups.items()):
+        a = np.array([c / t for c, _, t, _ in rows])
+        b = np.array([(t - o) / t for _, o, t, _ in rows])
+        inv = float(a @ b / (a @ a))
+        if not inv > 0:
+            print(f"head dim {d}, {part}: no positive efficiency fits (launch time exceeds the measurements); "
+                  "left out", file=sys.stderr)
+            continue
+        e = 1.0 / inv
+        errs = [100.0 * (o + c / e - t) / t for c, o, t, _ in rows]
+        table[part][str(d)] = e
+        fitted_from.setdefault(part, {})[str(d)] = {
+            "records": len(rows),
+            "files": sorted({f for *_, f in rows}),
+            "max_error_pct": float(max(abs(x) for x in errs)),
+            "rms_error_pct": float(math.sqrt(sum(x * x for x in errs) / len(errs))),
+        }
+    for part in ("dense",) + PATHS:
+        table[part] = dict(sorted(table[part].items(), key=lambda kv: int(kv[0])))
+    fitted = ", ".join(f"{part} at {', '.join(ds)}" for part, ds in fitted_from.items()) or "none"
+    table["source"] = (f"benchmarks/calibrate_sim.py fit_head_dim_efficiency: one factor per part and head dim on the "
+                       f"compute rates fitted at head dim {reference} (1.0 there by definition), least squares on "
+                       f"relative error, in-sample; fitted: {fitted}; from {', '.join(files or ['measured records'])}. "
+                       f"Head dims not listed are not measured: interpolated in log2(head_dim), clamped outside "
+                       f"the measured range.")
+    table["fitted_from"] = fitted_from
+    return table
 
 
 # ---------------------------------------------------------------------------
@@ -415,6 +538,96 @@ def print_table(rows: list[dict], title: str) -> None:
               f"within 15%: {int((errs <= 15).sum())}/{len(errs)}")
 
 
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+class ResultsError(ValueError):
+    """A set of result files that cannot be refitted (unreadable, synthetic, mixed families or head dims)."""
+
+
+def refit_from_results(files: list[Path], family: Optional[str] = None) -> tuple[str, dict, list[dict]]:
+    """``(family, constants, comparison rows)`` refitted from saved result files (no GPU).
+
+    The base constants come from the ``calibrate_sim.py`` result files among
+    ``files`` (records at each file's reference head dim; none: the packaged
+    constants), the head-dim efficiency from every record of every file
+    (:func:`fit_head_dim_efficiency`). The rows are ``compare_sim.compare`` of
+    all records under the refitted constants.
+    """
+    cmp = _compare_module()
+    base_records: list[dict] = []
+    base_meta: list[tuple[str, dict]] = []
+    all_records: list[dict] = []
+    families = set()
+    for path in files:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ResultsError(f"cannot read {path}: {exc}") from exc
+        name = _relative(Path(path))
+        if isinstance(data, dict) and data.get("kind") == "gna_sim_calibration":
+            if data.get("dry_run"):
+                raise ResultsError(f"{name} holds synthetic (dry-run) timings; not fitted")
+            # The rates are fitted at the run's reference head dim; its other head dims feed the efficiency fit.
+            ref = int(data.get("reference_head_dim") or data["records"][0]["head_dim"])
+            base_records += [r for r in data["records"] if int(r["head_dim"]) == ref]
+            base_meta.append((name, data))
+        recs = cmp.records_of(data)
+        for rec in recs:
+            rec["file"] = name
+        all_records += recs
+        families.add(cmp.family_of(data, family))
+    if len(families) != 1:
+        raise ResultsError(f"the files are of several device families {sorted(families)}; give --family")
+    family = families.pop()
+    before = load_calibration()["families"][family]
+    if base_records:
+        dims = {int(r["head_dim"]) for r in base_records}
+        if len(dims) != 1:
+            raise ResultsError(f"calibrate_sim.py files with different reference head dims {sorted(dims)}")
+        reference = dims.pop()
+        cards = sorted({d["card"] for _, d in base_meta})
+        torches = sorted({d["torch"] for _, d in base_meta})
+        dates = sorted({str(d.get("date", ""))[:10] for _, d in base_meta if d.get("date")})
+        source = (f"benchmarks/calibrate_sim.py --from-results: non-negative least squares on relative error over "
+                  f"{len(base_records)} configs ({', '.join(r['name'] for r in base_records)}) of "
+                  f"{', '.join(n for n, _ in base_meta)}")
+        constants = fit(base_records, family, " / ".join(cards), " / ".join(torches),
+                        date=" / ".join(dates) or None, source=source)
+    else:
+        constants = copy.deepcopy(before)
+        reference = int((before.get("head_dim_efficiency") or {}).get("reference", 128))
+    dtype = str(constants.get("dtype", "bfloat16"))
+    constants["head_dim_efficiency"] = fit_head_dim_efficiency(
+        all_records, constants, reference, [_relative(Path(p)) for p in files], dtype)
+    rows = cmp.compare(all_records, family, {"format": 1, "families": {family: constants}})
+    return family, constants, rows
+
+
+def from_results(files: list[Path], family: Optional[str], write: bool) -> int:
+    """``--from-results``: refit, print the efficiencies, the comparison and the constants; ``write``: store them."""
+    try:
+        family, constants, rows = refit_from_results(files, family)
+    except ResultsError as exc:
+        print(f"calibrate_sim.py: {exc}", file=sys.stderr)
+        return 2
+    table = constants["head_dim_efficiency"]
+    for part, dims in table["fitted_from"].items():
+        for d, info in dims.items():
+            print(f"head dim {d}, {part}: efficiency {table[part][d]:.4f} from {info['records']} records "
+                  f"(in-sample max |error| {info['max_error_pct']:.1f}%)")
+    print(f"\nprediction vs measurement, refitted constants ({family}; * = head dim without a measured efficiency)")
+    _compare_module().print_rows(rows)
+    print("\nfitted constants:\n" + json.dumps(constants, indent=2))
+    if write:
+        write_package_calibration(family, constants)
+    return 0
+
+
 def write_package_calibration(family: str, constants: dict) -> None:
     data = json.loads(PACKAGE_CALIBRATION.read_text())
     data["families"][family] = constants
@@ -437,7 +650,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--family", choices=("sm90", "default"), default=None,
                     help="device family to fit (default: the one of the current GPU)")
     ap.add_argument("--out", type=Path, default=None, help="result file (default benchmarks/results/...)")
+    ap.add_argument("--head-dims", type=str, default="",
+                    help="further head dims to measure (comma separated) for the head-dim efficiency fit")
+    ap.add_argument("--from-results", type=Path, nargs="+", default=None, metavar="FILE",
+                    help="no GPU: refit from saved result files (calibrate_sim.py, bench_kernel.py, ...)")
     args = ap.parse_args(argv)
+    if args.from_results:
+        return from_results(args.from_results, args.family, args.write)
 
     dtype = getattr(torch, args.dtype)
     if args.cpu_smoke:
@@ -461,9 +680,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         card = torch.cuda.get_device_name()
         capability = list(torch.cuda.get_device_capability())
         records = measure(configs, args.heads, args.head_dim, args.batch, dtype, not args.no_kernel)
+    other_dims = [int(d) for d in args.head_dims.split(",") if d.strip() and int(d) != args.head_dim]
+    extra_records = []
+    for d in other_dims:
+        if args.dry_run:
+            extra_records += synthetic(configs, args.heads, d, args.batch, dtype, family, not args.no_kernel)
+        else:
+            extra_records += measure(configs, args.heads, d, args.batch, dtype, not args.no_kernel)
 
     before = load_calibration()["families"][family]
     fitted = fit(records, family, card, torch.__version__)
+    if extra_records:
+        fitted["head_dim_efficiency"] = fit_head_dim_efficiency(
+            normalised(records + extra_records), fitted, args.head_dim, ["this run"], args.dtype)
+    records = records + extra_records
     rows_before = predictions(records, family, before)
     rows_after = predictions(records, family, fitted)
     print_table(rows_before, f"prediction vs measurement, constants before ({before.get('status')}, "
@@ -483,6 +713,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "family": family,
         "dry_run": args.dry_run,
+        "reference_head_dim": args.head_dim,
         "baseline": "dense cuDNN SDPA (SDPBackend.CUDNN_ATTENTION), same process; per record: dense_backend",
         "timing": "triton.testing.do_bench median",
         "records": records,

@@ -21,8 +21,13 @@ names the problem and the measured times:
   ``sdpa_ms``) for the dense baseline.
 
 For every path time found it prints measured and predicted time, the error
-in percent, and measured vs predicted speedup over dense. The device family
-comes from ``--family``, the file's ``family``, or its ``card`` name.
+in percent, and measured vs predicted speedup over dense; every distinct dense
+time (per problem and head dim, once per file) gets a row of path ``dense``,
+the dense model's prediction. The model scales each compute rate by its
+head-dim efficiency (``gna_flex.sim.cost.head_dim_efficiency``); the ``hd``
+column marks with ``*`` a row whose head dim has no measured efficiency for
+that part (interpolated or clamped). The device family comes from
+``--family``, the file's ``family``, or its ``card`` name.
 """
 
 from __future__ import annotations
@@ -183,8 +188,11 @@ def records_of(data: Any) -> list[dict]:
 
 
 def compare(records: list[dict], family: str, calibration: Optional[dict]) -> list[dict]:
+    """Prediction vs measurement: one row per path time of each record, one per distinct dense time."""
     rows = []
+    seen_dense: set = set()
     for rec in records:
+        est = None
         for path, measured in rec["times"].items():
             if measured is None:
                 continue
@@ -198,6 +206,7 @@ def compare(records: list[dict], family: str, calibration: Optional[dict]) -> li
             rows.append({
                 "name": rec["name"],
                 "path": path,
+                "head_dim": int(rec["head_dim"]),
                 "measured_ms": float(measured),
                 "predicted_ms": predicted,
                 "error_pct": 100.0 * (predicted - measured) / measured,
@@ -206,24 +215,59 @@ def compare(records: list[dict], family: str, calibration: Optional[dict]) -> li
                 "flop_speedup": rep.flop_speedup,
                 "tile_speedup": rep.tile_speedup,
                 "status": est.status,
+                "head_dim_measured": est.efficiency["gna_measured"],
+            })
+        # The same dense measurement is often repeated for every config of one problem size.
+        key = (tuple(rec["grid"]), int(rec["extra_tokens"]), int(rec["heads"]), int(rec["head_dim"]),
+               int(rec["batch"]), str(rec["dtype"]), rec["dense_ms"])
+        if est is not None and rec["dense_ms"] and key not in seen_dense:
+            seen_dense.add(key)
+            dense = float(rec["dense_ms"])
+            rows.append({
+                "name": rec["name"],
+                "path": "dense",
+                "head_dim": int(rec["head_dim"]),
+                "measured_ms": dense,
+                "predicted_ms": est.dense_ms,
+                "error_pct": 100.0 * (est.dense_ms - dense) / dense,
+                "measured_speedup": None,
+                "predicted_speedup": None,
+                "flop_speedup": None,
+                "tile_speedup": None,
+                "status": est.status,
+                "head_dim_measured": est.efficiency["dense_measured"],
             })
     return rows
 
 
+def summary(rows: list[dict], goal_pct: float = 15.0) -> str:
+    """``max |error| .., median .., within 15%: n/m`` over ``rows``."""
+    errs = np.abs([r["error_pct"] for r in rows])
+    return (f"max |error| {errs.max():.1f}%, median {np.median(errs):.1f}%, "
+            f"within {goal_pct:g}%: {int((errs <= goal_pct).sum())}/{len(errs)}")
+
+
+def _cell(value: Optional[float], fmt: str, width: int, suffix: str = "") -> str:
+    return f"{format(value, fmt)}{suffix}".rjust(width) if value is not None else "-".rjust(width)
+
+
 def print_rows(rows: list[dict]) -> None:
-    head = (f"{'config':<34}{'path':<15}{'measured':>10}{'predicted':>11}{'error':>8}"
+    head = (f"{'config':<34}{'path':<15}{'hd':>5}{'measured':>11}{'predicted':>11}{'error':>8}"
             f"{'speedup':>9}{'pred.':>7}{'FLOP':>7}{'tile':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        ms = f"{r['measured_speedup']:>8.2f}x" if r["measured_speedup"] else f"{'-':>9}"
-        print(f"{r['name'][:33]:<34}{r['path']:<15}{r['measured_ms']:>8.3f}ms{r['predicted_ms']:>9.3f}ms"
-              f"{r['error_pct']:>+7.1f}%{ms}{r['predicted_speedup']:>6.2f}x"
-              f"{r['flop_speedup']:>7.2f}{r['tile_speedup']:>7.2f}")
+        hd = f"{r.get('head_dim', '?')}{'' if r.get('head_dim_measured', True) else '*'}"
+        print(f"{r['name'][:33]:<34}{r['path']:<15}{hd:>5}{r['measured_ms']:>9.3f}ms{r['predicted_ms']:>9.3f}ms"
+              f"{r['error_pct']:>+7.1f}%{_cell(r['measured_speedup'], '.2f', 9, 'x')}"
+              f"{_cell(r['predicted_speedup'], '.2f', 7, 'x')}{_cell(r['flop_speedup'], '.2f', 7)}"
+              f"{_cell(r['tile_speedup'], '.2f', 7)}")
     if rows:
-        errs = np.abs([r["error_pct"] for r in rows])
-        print(f"max |error| {errs.max():.1f}%, median {np.median(errs):.1f}%, "
-              f"within 15%: {int((errs <= 15).sum())}/{len(errs)}")
+        print(summary(rows))
+        paths = sorted({r["path"] for r in rows})
+        if len(paths) > 1:
+            for p in paths:
+                print(f"  {p:<15}" + summary([r for r in rows if r["path"] == p]))
 
 
 def load_constants(path: Optional[Path]) -> Optional[dict]:
@@ -269,6 +313,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print_rows(rows)
     if args.json:
         print(json.dumps(all_rows, indent=2))
+    elif len(args.results) > 1 and all_rows:
+        print(f"\nall files ({len(all_rows)} rows)")
+        print(summary(all_rows))
+        for p in sorted({r["path"] for r in all_rows}):
+            print(f"  {p:<15}" + summary([r for r in all_rows if r["path"] == p]))
     return 0
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .spec import BoolOrTuple, GNAParams, IntOrTuple, make_params
 
-__all__ = ["AttentionShape", "check_inputs"]
+__all__ = ["AttentionShape", "check_inputs", "check_inputs_for"]
 
 
 @dataclass(frozen=True)
@@ -149,3 +149,27 @@ def check_inputs(
         num_extra=num_extra,
     )
     return params, shape
+
+
+def check_inputs_for(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    params: GNAParams,
+    additional_keys: Optional[Tensor] = None,
+    additional_values: Optional[Tensor] = None,
+) -> AttentionShape:
+    """:func:`check_inputs` for a backend handed validated :class:`GNAParams`.
+
+    Raises as :func:`check_inputs`, and ``ValueError`` when the tensors' grid
+    is not ``params.grid``.
+    """
+    if not isinstance(params, GNAParams):
+        raise TypeError(f"params must be a gna_flex.spec.GNAParams (see make_params), got {type(params).__name__}")
+    checked, shape = check_inputs(
+        query, key, value, params.kernel_size, params.stride, params.dilation, params.is_causal,
+        additional_keys, additional_values, ndim=params.ndim,
+    )
+    if checked.grid != params.grid:
+        raise ValueError(f"query grid {checked.grid} differs from params.grid {params.grid}")
+    return shape

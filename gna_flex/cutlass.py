@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .checks import check_inputs
+from .checks import check_inputs_for
 from .spec import GNAParams
 
 __all__ = ["is_available", "unavailable_reason", "unsupported_reason", "forward", "BUILD_COMMAND"]
@@ -201,18 +201,6 @@ def _kernel_params(
     )
 
 
-def _validate(query, key, value, params, additional_keys, additional_values) -> None:
-    """Shape/type errors (TypeError/ValueError), shared with every other backend via gna_flex.checks."""
-    if not isinstance(params, GNAParams):
-        raise TypeError(f"params must be a gna_flex.spec.GNAParams (see make_params), got {type(params).__name__}")
-    checked, _ = check_inputs(
-        query, key, value, params.kernel_size, params.stride, params.dilation, params.is_causal,
-        additional_keys, additional_values, ndim=params.ndim,
-    )
-    if checked.grid != params.grid:
-        raise ValueError(f"query grid {checked.grid} differs from params.grid {params.grid}")
-
-
 def _contiguous_strides(shape: Sequence[int]) -> list[int]:
     strides, extent = [], 1
     for n in reversed(shape):
@@ -301,7 +289,7 @@ def unsupported_reason(
         TypeError / ValueError: the inputs are invalid for any backend (shapes,
             dtypes that differ, params that do not match the query grid).
     """
-    _validate(query, key, value, params, additional_keys, additional_values)
+    check_inputs_for(query, key, value, params, additional_keys, additional_values)
     if scale is None:
         scale = query.shape[-1] ** -0.5
     described = tuple(_describe(t) for t in (query, key, value, additional_keys, additional_values))
@@ -378,7 +366,7 @@ def forward(
         RuntimeError: inputs the kernel cannot run, or a launch error; the
             message says what.
     """
-    _validate(query, key, value, params, additional_keys, additional_values)
+    check_inputs_for(query, key, value, params, additional_keys, additional_values)
     reason = _reason(_tensors(query, key, value, additional_keys, additional_values))
     if reason is not None:
         raise RuntimeError(f"gna_flex sm90 kernel cannot run these inputs: {reason}")

@@ -40,12 +40,14 @@ no token pair is ever evaluated. The work is proportional to ``nQ * nK``
 block pairs, the size of the ``BlockMask`` index tensors torch itself uses.
 
 Marker: every mask built here carries ``_gna_params = (GNAParams, tile,
-extra_tokens)`` as an attribute of the ``BlockMask`` and of its mask_mod
-function (the latter survives ``BlockMask`` copies such as ``.to(device)``
-and slicing); :func:`gna_params_of` reads it. Inside a Dynamo/FX graph a
-BlockMask is flattened into tensors and a traced mask_mod, so a graph pass
-must read the marker from the Python object (e.g. the example inputs or the
-module attribute holding the mask), not from graph nodes.
+extra_tokens)`` as a Python attribute of the ``BlockMask``, of each of its
+tensors (block counts and indices), of its mask_mod function and of the
+tensors that mask_mod captures. :func:`gna_params_of` reads it from any of
+these objects. Inside a Dynamo/FX graph a BlockMask is flattened into
+tensors and a traced mask_mod; those tensors reach a backend as placeholders
+whose real values are the marked tensors, which is how a graph pass
+recognises a gna_flex mask. (A ``BlockMask`` copy such as ``.to(device)``
+keeps the mask_mod and its captured tensors, hence the marker.)
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .checks import check_inputs_for
 from .layout import default_tile, unravel_open, make_tile_layout, permute, tile_major_coords, unpermute
 from .spec import GNAParams, axis_window, axis_windows, make_params
 
@@ -202,7 +205,9 @@ def _make_mask_mod(spec: MaskSpec, device: torch.device) -> Callable:
         k_extra = (kv_idx >= counts[0]) & (kv_idx < counts[1])
         return near | (q_grid & k_extra) | (q_extra & (k_grid | k_extra))
 
-    setattr(gna_mask_mod, _MARKER, (params, spec.tile, spec.extra_tokens))
+    marker = (params, spec.tile, spec.extra_tokens)
+    for obj in (gna_mask_mod, p, counts):
+        setattr(obj, _MARKER, marker)
     return gna_mask_mod
 
 
@@ -350,16 +355,18 @@ def _axis_terms(params: GNAParams, axis: int, qb: _Blocks, kb: _Blocks, device) 
 
     Returns ``(any_fn, all_fn)`` closures over precomputed per-box values;
     each takes row slice ``rows`` and returns ``[r, Kq, nK, Kk]`` bools.
+    The per-box values are computed where ``qb`` / ``kb`` live (the host) and
+    moved to ``device``, where the ``nQ x nK`` work runs.
     """
     length, w, s, d, c = params.axis(axis)
-    group, start, end = axis_windows(params, axis, device)
+    group, start, end = axis_windows(params, axis, qb.lo.device)
     ql = qb.lo[..., axis].clamp(0, length - 1)
     qh = (qb.hi[..., axis] - 1).clamp(0, length - 1)
     kl = kb.lo[..., axis]
     kh = kb.hi[..., axis]
     if d == 1:
-        u_lo, u_hi = start[ql], end[qh]  # union of the windows of the query range
-        a_lo, a_hi = start[qh], end[ql]  # their intersection
+        # union of the windows of the query range, and their intersection
+        u_lo, u_hi, a_lo, a_hi, kl, kh = (t.to(device) for t in (start[ql], end[qh], start[qh], end[ql], kl, kh))
         kl4, kh4 = kl[None, None, :, :], kh[None, None, :, :]
 
         def any_fn(rows):
@@ -382,7 +389,8 @@ def _axis_terms(params: GNAParams, axis: int, qb: _Blocks, kb: _Blocks, device) 
         kf = kl + (g - kl) % d
         kL = kh - 1 - (kh - 1 - g) % d
         k_ok = kf <= kL
-        per_group.append((q_ok, u_lo, u_hi, k_ok, kf // d, kL // d + 1))
+        per_group.append(tuple(t.to(device) for t in (q_ok, u_lo, u_hi, k_ok, kf // d, kL // d + 1)))
+    q_single, k_single = q_single.to(device), k_single.to(device)
 
     def any_fn(rows):
         out = None
@@ -407,14 +415,17 @@ def _block_relation(spec: MaskSpec, qb: _Blocks, kb: _Blocks, device) -> tuple[T
     nq, kq = qb.box.shape
     nk, kk = kb.box.shape
     terms = [_axis_terms(params, a, qb, kb, device) for a in range(params.ndim)]
+    qbox, kbox = qb.box.to(device), kb.box.to(device)
+    q_flags = torch.stack([qb.has_grid, qb.has_extra, qb.has_invalid]).to(device)
+    k_flags = torch.stack([kb.has_grid, kb.has_extra, kb.has_invalid]).to(device)
     any_out = torch.empty(nq, nk, dtype=torch.bool, device=device)
     all_out = torch.empty(nq, nk, dtype=torch.bool, device=device)
     # Rows per chunk: keep the [rows, Kq, nK, Kk] temporaries around 16M elements.
     rows_per = max(1, (1 << 24) // max(1, kq * nk * kk))
-    kbox = kb.box[None, None, :, :]
+    kbox = kbox[None, None, :, :]
     for r0 in range(0, nq, rows_per):
         rows = slice(r0, min(nq, r0 + rows_per))
-        pair = qb.box[rows, :, None, None] & kbox
+        pair = qbox[rows, :, None, None] & kbox
         near_any = pair
         near_all = torch.ones_like(pair)
         for any_fn, all_fn in terms:
@@ -422,10 +433,11 @@ def _block_relation(spec: MaskSpec, qb: _Blocks, kb: _Blocks, device) -> tuple[T
             near_all = near_all & all_fn(rows)
         grid_any = near_any.any(3).any(1)
         grid_all = (near_all | ~pair).all(3).all(1)
-        qg, qe, qi = qb.has_grid[rows, None], qb.has_extra[rows, None], qb.has_invalid[rows, None]
-        kg, ke, ki = kb.has_grid[None], kb.has_extra[None], kb.has_invalid[None]
-        any_out[rows] = (qg & (grid_any | ke)) | (qe & (kg | ke))
-        all_out[rows] = any_out[rows] & ~qi & ~ki & grid_all
+        qg, qe, qi = (f[rows, None] for f in q_flags)
+        kg, ke, ki = (f[None] for f in k_flags)
+        row_any = (qg & (grid_any | ke)) | (qe & (kg | ke))
+        any_out[rows] = row_any
+        all_out[rows] = row_any & ~qi & ~ki & grid_all
     return any_out, all_out
 
 
@@ -459,8 +471,11 @@ def _build_block_mask(
     device: torch.device,
 ) -> BlockMask:
     bq, bk = block_size
-    qb = _blocks(spec, q_len, bq, device)
-    kb = qb if (q_len, bq) == (kv_len, bk) else _blocks(spec, kv_len, bk, device)
+    # Per-block boxes are small (O(nQ + nK)) and take many tiny ops: build them
+    # on the host; the O(nQ * nK) relation and the index lists run on `device`.
+    host = torch.device("cpu")
+    qb = _blocks(spec, q_len, bq, host)
+    kb = qb if (q_len, bq) == (kv_len, bk) else _blocks(spec, kv_len, bk, host)
     any_m, all_m = _block_relation(spec, qb, kb, device)
     partial = any_m & ~all_m
     kv_num, kv_idx = _dense_to_ordered(partial)
@@ -471,6 +486,8 @@ def _build_block_mask(
         t = t[None, None]
         return t.expand(b, h, *t.shape[2:]).contiguous() if (b, h) != (1, 1) else t.contiguous()
 
+    # Only arguments that torch 2.11 and 2.13 share (2.13 adds keyword-only
+    # dq_write_order / dq_kv_order, left at their defaults).
     bm = BlockMask.from_kv_blocks(
         lift(kv_num),
         lift(kv_idx),
@@ -480,7 +497,11 @@ def _build_block_mask(
         mask_mod=_cached_mask_mod(spec, device),
         seq_lengths=(q_len, kv_len),
     )
-    setattr(bm, _MARKER, (spec.params, spec.tile, spec.extra_tokens))
+    marker = (spec.params, spec.tile, spec.extra_tokens)
+    setattr(bm, _MARKER, marker)
+    for value in vars(bm).values():
+        if isinstance(value, Tensor):
+            setattr(value, _MARKER, marker)
     return bm
 
 
@@ -542,7 +563,11 @@ def block_mask(
 
 
 def gna_params_of(mask: Any) -> Optional[tuple[GNAParams, Optional[tuple[int, ...]], int]]:
-    """``(GNAParams, tile, extra_tokens)`` of a BlockMask or mask_mod built by gna_flex, else ``None``."""
+    """``(GNAParams, tile, extra_tokens)`` of an object gna_flex marked, else ``None``.
+
+    ``mask`` may be a BlockMask from :func:`block_mask`, one of its tensors, a
+    mask_mod from :func:`mask_mod`, or a tensor such a mask_mod captures.
+    """
     marker = getattr(mask, _MARKER, None)
     if marker is None and isinstance(mask, BlockMask):
         marker = getattr(mask.mask_mod, _MARKER, None)
@@ -575,60 +600,126 @@ def _compiled_flex() -> Callable:
     return _COMPILED_FLEX
 
 
-def default_kernel_options(dtype: torch.dtype, head_dim: int, padded_rows: bool) -> dict:
+def _recompile_headroom():
+    """Raise Dynamo's per-function recompile limit while the compiled flex runs.
+
+    Every grid shape, dtype and kernel-option set is one compiled entry of
+    flex_attention's code object (configs of one grid share an entry: their
+    parameters are tensors). Past the default limit of 8 Dynamo silently runs
+    flex eagerly, which materialises the S x S score matrix (hundreds of GiB
+    for a video grid); a model with more attention shapes than that must
+    keep compiling instead.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    limits = {}
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            limits[name] = max(getattr(dynamo_config, name), 256)
+            break
+    return dynamo_config.patch(**limits)
+
+
+def default_kernel_options(
+    dtype: torch.dtype,
+    head_dim: int,
+    padded_rows: bool,
+    block_size: tuple[int, int] = (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE),
+    capability: Optional[tuple[int, int]] = None,
+) -> dict:
     """Flex kernel options used by :func:`flex_na` on CUDA when none are given.
 
-    * ``BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3`` for 16-bit
-      inputs with head dim <= 128: a 128-row Q tile matches the 128-token
-      tile (one sparse block), a 64-wide KV step keeps the S/P tiles in
-      registers with 8 warps, and 3 stages cover load latency on sm90 within
-      shared memory (128x128 KV steps spill or force 2 stages at head dim 128).
+    * On sm90 (H100/H200), 16-bit inputs, head dim 128, sparse blocks that
+      are multiples of (128, 64): ``BLOCK_M=128, BLOCK_N=64, num_warps=8,
+      num_stages=3``. A 128-row Q tile is exactly one 128-token tile (one
+      sparse Q block), so a Q program never straddles two KV lists; a
+      64-wide KV step keeps the 128x64 S/P tiles in registers with 8 warps;
+      3 stages of K/V (2 x 16 KiB each) plus Q (32 KiB) fit shared memory
+      and hide load latency. This is torch's own sm90 pick today; pinning it
+      keeps results from moving with torch's heuristics. Wider KV steps
+      (128) or TMA loads are what ``benchmarks/bench_flex.py`` compares
+      against it; change this default only with a result file behind it.
     * ``ROWS_GUARANTEED_SAFE`` when no query row is padding: every grid
       query has a non-empty window (kernel_size >= 2), so the kernel may skip
       its all-masked-row guard. Padding rows (tile-major with a grid that is
       not a tile multiple) see nothing, so the guard stays on for them.
-    Other cases use torch's own heuristics (returns only the safe-row flag).
+    Everything else is left to torch's heuristics.
     """
     opts: dict = {}
-    if dtype in (torch.float16, torch.bfloat16) and head_dim <= 128:
+    if capability is None and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+    if (
+        capability == (9, 0)
+        and dtype in (torch.float16, torch.bfloat16)
+        and head_dim == 128
+        and block_size[0] % 128 == 0
+        and block_size[1] % 64 == 0
+    ):
         opts.update(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if not padded_rows:
         opts["ROWS_GUARANTEED_SAFE"] = True
     return opts
 
 
-def _check_inputs(query, key, value, params, additional_keys, additional_values) -> None:
-    n = params.ndim
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != n + 3:
-            raise ValueError(f"{name} must have shape [B, *grid, heads, D] with {n} grid axes, got {tuple(t.shape)}")
-        if tuple(t.shape[1 : 1 + n]) != params.grid:
-            raise ValueError(f"{name} grid {tuple(t.shape[1 : 1 + n])} differs from params.grid {params.grid}")
-        if t.dtype != query.dtype or t.device != query.device:
-            raise ValueError(f"{name} is {t.dtype} on {t.device}, query is {query.dtype} on {query.device}")
-    if key.shape != value.shape[:-1] + key.shape[-1:] or key.shape[0] != query.shape[0]:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must match query batch and grid/heads")
-    if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key head dim {key.shape[-1]} differs from query head dim {query.shape[-1]}")
-    if query.shape[-2] % key.shape[-2]:
-        raise ValueError(f"key/value heads ({key.shape[-2]}) must divide query heads ({query.shape[-2]})")
-    if (additional_keys is None) != (additional_values is None):
-        raise ValueError("additional_keys and additional_values must be given together")
-    if additional_keys is not None:
-        ak, av = additional_keys, additional_values
-        if ak.dim() != 4 or av.dim() != 4 or ak.shape[:3] != av.shape[:3]:
-            raise ValueError(
-                f"additional_keys {tuple(ak.shape)} / additional_values {tuple(av.shape)} must be [B, E, heads_kv, D]"
-            )
-        if ak.shape[0] != key.shape[0] or ak.shape[2] != key.shape[-2] or ak.shape[3] != key.shape[-1]:
-            raise ValueError(f"additional_keys {tuple(ak.shape)} must match key batch, heads and head dim")
-        if av.shape[3] != value.shape[-1]:
-            raise ValueError(f"additional_values head dim {av.shape[3]} differs from value head dim {value.shape[-1]}")
-        for name, t in (("additional_keys", ak), ("additional_values", av)):
-            if t.dtype != query.dtype or t.device != query.device:
-                raise ValueError(f"{name} is {t.dtype} on {t.device}, query is {query.dtype} on {query.device}")
+def _run_flex(fn, q, k, v, bm, scale, gqa, kernel_options, return_lse) -> tuple[Tensor, Optional[Tensor]]:
+    """``fn`` (flex_attention, compiled or not) on ``[B, heads, S, D]``; returns ``(out, lse or None)``."""
+    kwargs = dict(block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=kernel_options)
+    if return_lse:
+        kwargs.update(_lse_request())
+    with warnings.catch_warnings():
+        # Eager flex on CPU warns that it materialises the score matrix: that is the point of the CPU path.
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        res = fn(q, k, v, **kwargs)
+    if not return_lse:
+        return res, None
+    return (res[0], res[1].lse) if _HAS_AUX else res
+
+
+class _CpuFlexAttention(torch.autograd.Function):
+    """Eager flex on the CPU with a backward.
+
+    torch's FlexAttention refuses inputs that require grad on the CPU. The
+    forward here is eager flex itself; the backward is the standard attention
+    backward evaluated densely under the same mask_mod (the eager CPU forward
+    materialises the score matrix too), so CPU autograd of the flex path
+    computes the exact gradient of the exact function.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bm, scale, gqa):
+        out, lse = _run_flex(flex_attention, q.detach(), k.detach(), v.detach(), bm, scale, gqa, None, True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.bm, ctx.scale = bm, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        b, hq, sq, dim = q.shape
+        hkv, skv = k.shape[1], k.shape[2]
+        group = hq // hkv
+        scale = dim ** -0.5 if ctx.scale is None else ctx.scale
+        z = torch.zeros((), dtype=torch.int32)
+        mask = ctx.bm.mask_mod(z, z, torch.arange(sq, dtype=torch.int32)[:, None],
+                               torch.arange(skv, dtype=torch.int32)[None, :])
+        kx = k.repeat_interleave(group, 1) if group > 1 else k
+        vx = v.repeat_interleave(group, 1) if group > 1 else v
+        s = (q.float() @ kx.float().transpose(-1, -2)) * scale
+        lse_f = torch.where(torch.isfinite(lse), lse, 0).float()[..., None]
+        p = torch.where(mask, torch.exp(s - lse_f), 0)
+        d_out = torch.zeros_like(out, dtype=torch.float32) if d_out is None else d_out.float()
+        dv = p.transpose(-1, -2) @ d_out
+        dp = d_out @ vx.float().transpose(-1, -2)
+        delta = (d_out * out.float()).sum(-1, keepdim=True)
+        if d_lse is not None:
+            delta = delta - d_lse.float()[..., None]
+        ds = p * (dp - delta)
+        dq = (ds @ kx.float()) * scale
+        dk = (ds.transpose(-1, -2) @ q.float()) * scale
+        if group > 1:
+            dk = dk.unflatten(1, (hkv, group)).sum(2)
+            dv = dv.unflatten(1, (hkv, group)).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def flex_na(
@@ -669,11 +760,11 @@ def flex_na(
 
     Returns:
         ``out [B, *grid, heads, Dv]`` (and ``lse`` if asked). Autograd works
-        through flex's own backward on CUDA; FlexAttention has no backward on
-        CPU (torch raises ``NotImplementedError`` when an input requires
-        grad there; use the reference backend for CPU autograd).
+        through flex's own backward on CUDA. torch's FlexAttention has no
+        CPU backward; on the CPU, inputs that require grad go through eager
+        flex with a dense backward under the same mask_mod (``_CpuFlexAttention``).
     """
-    _check_inputs(query, key, value, params, additional_keys, additional_values)
+    check_inputs_for(query, key, value, params, additional_keys, additional_values)
     bq, bk = _block_sizes(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
     grid = params.grid
     if tile is None:
@@ -696,21 +787,23 @@ def flex_na(
         compile = query.device.type == "cuda"
     if kernel_options is None:
         kernel_options = (
-            default_kernel_options(query.dtype, query.shape[-1], layout.is_padded) if query.device.type == "cuda" else None
+            default_kernel_options(query.dtype, query.shape[-1], layout.is_padded, (bq, bk),
+                                   torch.cuda.get_device_capability(query.device))
+            if query.device.type == "cuda"
+            else None
         )
-    fn = _compiled_flex() if compile else flex_attention
-    kwargs = dict(block_mask=bm, scale=scale, enable_gqa=query.shape[-2] != key.shape[-2],
-                  kernel_options=kernel_options or None)
-    if return_lse:
-        kwargs.update(_lse_request())
-    with warnings.catch_warnings():
-        # Eager flex on CPU warns that it materialises the score matrix: that is the point of the CPU path.
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        res = fn(qt, kt, vt, **kwargs)
-    if return_lse and _HAS_AUX:
-        res = (res[0], res[1].lse)
-    out, lse = res if return_lse else (res, None)
-    out = unpermute(out.transpose(1, 2), layout)
+    gqa = query.shape[-2] != key.shape[-2]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qt, kt, vt))
+    if query.device.type == "cpu" and needs_grad:
+        out, lse = _CpuFlexAttention.apply(qt, kt, vt, bm, scale, gqa)
+    elif compile:
+        with _recompile_headroom():
+            out, lse = _run_flex(_compiled_flex(), qt, kt, vt, bm, scale, gqa, kernel_options or None, return_lse)
+    else:
+        out, lse = _run_flex(flex_attention, qt, kt, vt, bm, scale, gqa, kernel_options or None, return_lse)
+    # unpermute returns a view when the order is unchanged (e.g. 1-D without
+    # padding); callers get NATTEN's contiguous [B, *grid, heads, D] either way.
+    out = unpermute(out.transpose(1, 2), layout).contiguous()
     if not return_lse:
         return out
-    return out, unpermute(lse.transpose(1, 2), layout).float()
+    return out, unpermute(lse.transpose(1, 2), layout).float().contiguous()

@@ -19,6 +19,7 @@ back silently to a path that computes something else.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -27,9 +28,35 @@ from torch import Tensor
 from . import cutlass, flex, reference
 from .spec import GNAParams, make_params
 
-__all__ = ["BACKENDS", "select_backend", "na"]
+__all__ = ["BACKENDS", "select_backend", "na", "eager_dispatch"]
 
 BACKENDS = ("cutlass", "flex", "reference")
+
+
+def _autocast_keys():
+    c = torch._C
+    keys = c.DispatchKeySet(c.DispatchKey.AutocastCPU)
+    for name in dir(c.DispatchKey):
+        if name.startswith("Autocast"):
+            keys = keys | c.DispatchKeySet(getattr(c.DispatchKey, name))
+    return keys
+
+
+@contextlib.contextmanager
+def eager_dispatch():
+    """Run plain eager code (with autograd) inside a custom op's implementation.
+
+    torch calls a custom op's implementation with every dispatch key above the
+    backend excluded (autograd, functorch, ...). The paths called from here
+    need them back: eager FlexAttention goes through its autograd function and
+    ``vmap`` even for a forward, and the backward recomputes the forward under
+    autograd. Autocast stays off, as it is for any op's implementation.
+    """
+    c = torch._C
+    # Outside any op, torch excludes exactly the autocast keys (autocast adds
+    # them to the include set when enabled); restore that state.
+    with c._ForceDispatchKeyGuard(c._dispatch_tls_local_include_set(), _autocast_keys()):
+        yield
 
 
 def _params(grid, kernel_size, stride, dilation, is_causal) -> GNAParams:
@@ -89,7 +116,7 @@ def _na_flex_backward(
     params = _params(grid, kernel_size, stride, dilation, is_causal)
     inputs = [t.detach().requires_grad_() for t in (query, key, value, additional_keys, additional_values)
               if t is not None]
-    with torch.enable_grad():
+    with eager_dispatch(), torch.enable_grad():
         extra = inputs[3:] if len(inputs) == 5 else (None, None)
         out = flex.flex_na(inputs[0], inputs[1], inputs[2], params, scale=scale,
                            additional_keys=extra[0], additional_values=extra[1])

@@ -83,10 +83,10 @@ def relative_position_bias(
     device = table.device
     p = torch.tensor(
         [params.grid, params.kernel_size, params.dilation, spec.order_tile, spec.order_tiles],
-        dtype=torch.int64,
+        dtype=torch.int32,  # like flex's indices: keeps the per-element math 32-bit
         device=device,
     )
-    grid_tokens = torch.tensor(spec.grid_tokens, dtype=torch.int64, device=device)
+    grid_tokens = torch.tensor(spec.grid_tokens, dtype=torch.int32, device=device)
     raster = spec.tile is None
 
     def coords(idx: Tensor):

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import fx
 
+from gna_flex.sim import device_family, estimate, path_simulate_kwargs, simulate
 from gna_flex.spec import GNAParams
 
 from .match import AttentionCall
@@ -45,15 +46,6 @@ class Decision:
     speedup: Optional[float] = None
     #: the simulator path the prediction used: "kernel" or "flex".
     path: Optional[str] = None
-
-
-def _sim():
-    from gna_flex import sim
-
-    estimate = getattr(sim, "estimate", None)
-    if estimate is None:
-        from gna_flex.sim.cost import estimate
-    return sim.simulate, estimate
 
 
 def _cutlass_available() -> bool:
@@ -85,16 +77,14 @@ def predicted_path(rule: Rule, device: Optional[torch.device], dtype: Optional[t
 @lru_cache(maxsize=256)
 def _estimate(p: GNAParams, extra_tokens: int, heads: int, head_dim: int, batch: int, dtype: torch.dtype,
               family: Any, path: str):
-    simulate, estimate = _sim()
-    report = simulate(p.grid, p.kernel_size, p.stride, p.dilation, p.is_causal, extra_tokens=extra_tokens)
+    report = simulate(p.grid, p.kernel_size, p.stride, p.dilation, p.is_causal, extra_tokens=extra_tokens,
+                      **path_simulate_kwargs(path))
     return estimate(report, heads, head_dim, batch, dtype, device=family, path=path)
 
 
 def predict_speedup(rule: Rule, heads: int, head_dim: int, batch: int, dtype: torch.dtype,
                     device: Optional[torch.device], path: str) -> float:
     """Predicted speedup of the rewritten call over the dense call (see the module docstring)."""
-    from gna_flex.sim.cost import device_family
-
     family = device_family(device if device is not None and device.type == "cuda" else "default")
     est = _estimate(rule.params, rule.extra_tokens, heads, head_dim, batch, dtype, family, path)
     n, e = rule.params.num_tokens, rule.extra_tokens

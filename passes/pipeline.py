@@ -27,9 +27,12 @@ def gna_pass(gm: fx.GraphModule, example_inputs: Sequence[Any], rules: Sequence[
 
     * SDPA calls: rewritten when a rule matches and the simulator predicts at
       least the rule's ``min_speedup`` (:func:`gna_flex.passes.decide.decide_sdpa`).
-    * flex_attention calls whose block mask came from ``gna_flex.block_mask``
-      (raster order): rewritten to the gna_flex op, no rule needed; the mask
-      already says it is GNA and the op computes the same function.
+    * flex_attention calls whose block mask came from ``gna_flex.block_mask``:
+      rewritten to the gna_flex op, no rule needed; the mask already says it
+      is GNA and the op computes the same function. Raster-order masks are
+      read through views; tile-major ones are reordered to the native layout
+      and back by copies inside the op (folding the caller's own permutation
+      chain is not done yet).
     """
     rows = []
     changed = False
@@ -46,14 +49,17 @@ def gna_pass(gm: fx.GraphModule, example_inputs: Sequence[Any], rules: Sequence[
             rows.append(_row(call, False, "block mask does not come from gna_flex.block_mask"))
             continue
         params, tile, extra = call.gna_mask
-        rule = f"block mask: grid={'x'.join(map(str, params.grid))} kernel={'x'.join(map(str, params.kernel_size))}"
+        rule = (f"block mask: grid={'x'.join(map(str, params.grid))} kernel={'x'.join(map(str, params.kernel_size))}"
+                + (f" tile={'x'.join(map(str, tile))}" if tile is not None else ""))
         blocker = flex_rewrite_blocker(call)
         if blocker is not None:
             rows.append(_row(call, False, blocker, rule))
             continue
         rewrite_flex(gm.graph, call)
         changed = True
-        rows.append(_row(call, True, "block mask from gna_flex.block_mask", rule))
+        how = ("raster order, read through views" if tile is None
+               else f"tile-major order (tile {tile}), reordered by copies")
+        rows.append(_row(call, True, f"block mask from gna_flex.block_mask; {how}", rule))
     if changed:
         gm.graph.lint()
         gm.recompile()

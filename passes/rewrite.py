@@ -8,11 +8,19 @@ autograd differentiates the chosen path). At run time it calls
 grid tokens off the sequence axis, splitting that axis into the grid and
 moving the heads axis; no data is copied for the permutation (the kernel
 reads strided inputs; the flex path permutes to tile-major order itself).
+The output is written tokens-major (``[B, S, heads, Dv]`` memory), so the
+``transpose(1, 2).reshape(B, S, heads * Dv)`` that models apply next is free.
+
+Sequences in the tile-major order of a tile-major ``gna_flex.block_mask`` are
+reordered to the native layout and back inside the op (copies); folding the
+caller's own permutation chain away is not implemented.
+
+Backward recomputes the forward under autograd inside
+``gna_flex::rewritten_attention_backward`` (one extra forward per step).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -21,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from gna_flex import functional
+from gna_flex.ops import eager_dispatch
+from gna_flex.layout import make_tile_layout, permute, unpermute
 
 from .decide import Decision
 from .match import AttentionCall, output_users
@@ -57,33 +67,49 @@ def gna_attention(
     scale: Optional[float],
     enable_gqa: bool,
     backend: Optional[str],
+    tile: Optional[Sequence[int]] = None,
 ) -> Tensor:
-    """What a rewritten attention call computes, on views of its inputs (eager; the custom op runs this).
+    """What a rewritten attention call computes (eager; the custom op runs this).
 
     Args:
         query: ``[B, heads, Sq, D]``; key / value ``[B, heads_kv, Sk, D]`` /
-            ``[..., Dv]``. The sequence axis holds the ``N = prod(grid)`` grid
-            tokens in raster order and the ``E = extra_tokens`` extra tokens,
-            after the grid (``extra_first=False``) or before it. ``Sk >= N + E``
-            (keys past ``N + E`` are ignored, as a flex block mask marks them
-            invalid); ``Sq`` is ``N + E``, or ``N`` (grid queries only, extra
-            tokens last).
+            ``[..., Dv]``. The sequence axis holds ``P`` grid positions and the
+            ``E = extra_tokens`` extra tokens, after the grid
+            (``extra_first=False``) or before it. With ``tile=None`` the grid
+            positions are the ``P = N = prod(grid)`` tokens in raster order
+            (read through views, no copy); with a tile they are in
+            :mod:`gna_flex.layout`'s tile-major order with padding
+            (``P = prod(ceil(L / T) * T)``; reordered by a copy each way).
+            ``Sk >= P + E`` (keys past ``P + E`` are ignored, as a flex block
+            mask marks them invalid); ``Sq`` is ``P + E``, or ``P`` (grid
+            queries only, extra tokens last).
 
     Returns:
         ``[B, heads, Sq, Dv]``, stored tokens-major (``[B, Sq, heads, Dv]``
         contiguous, transposed): the op's native output needs no copy, and
         the usual ``out.transpose(1, 2).reshape(B, Sq, heads * Dv)`` that
         follows attention is a view. Grid queries attend to their GNA window
-        plus every extra key (one softmax); extra queries attend to every key
-        (dense SDPA, exactly what they had before).
+        plus every extra key (one softmax); extra queries attend to every
+        grid and extra key (dense SDPA, exactly what they had before);
+        padding positions of a tile-major order output zeros (they see
+        nothing, as under the flex mask).
     """
     grid = tuple(grid)
     n, e = math.prod(grid), extra_tokens
-    grid_tokens, extra = (slice(e, e + n), slice(0, e)) if extra_first else (slice(0, n), slice(n, n + e))
+    tiles = make_tile_layout(grid, tuple(tile)) if tile is not None else None
+    p = tiles.num_tokens if tiles is not None else n
+    grid_tokens, extra = (slice(e, e + p), slice(0, e)) if extra_first else (slice(0, p), slice(p, p + e))
+
+    def grid_part(t: Tensor) -> Tensor:
+        if tiles is None:
+            return _grid_view(t, grid_tokens, grid)
+        return unpermute(t[:, :, grid_tokens], tiles, heads_last=False).movedim(1, -2)
+
+    k_grid, v_grid = grid_part(key), grid_part(value)
     out = functional.na(
-        _grid_view(query, grid_tokens, grid),
-        _grid_view(key, grid_tokens, grid),
-        _grid_view(value, grid_tokens, grid),
+        grid_part(query),
+        k_grid,
+        v_grid,
         tuple(kernel_size),
         tuple(stride),
         tuple(dilation),
@@ -93,39 +119,22 @@ def gna_attention(
         additional_values=_heads_last(value, extra) if e else None,
         backend=backend,
     )
-    out = _tokens_major(out.contiguous())
-    if query.shape[2] == n:
+    if tiles is None:
+        out = _tokens_major(out.contiguous())
+    else:
+        out, _ = permute(out, grid, tiles.tile, heads_last=True)
+    if query.shape[2] == p:
         return out.transpose(1, 2)
+    if tiles is None:
+        keys, values = key[:, :, : n + e], value[:, :, : n + e]
+    else:
+        # Padding positions are no one's keys: gather the valid ones.
+        keys = torch.cat([_tokens_major(k_grid).transpose(1, 2), key[:, :, extra]], dim=2)
+        values = torch.cat([_tokens_major(v_grid).transpose(1, 2), value[:, :, extra]], dim=2)
     extra_out = F.scaled_dot_product_attention(
-        query[:, :, extra], key[:, :, : n + e], value[:, :, : n + e], scale=scale, enable_gqa=enable_gqa
+        query[:, :, extra], keys, values, scale=scale, enable_gqa=enable_gqa
     ).transpose(1, 2)
     return torch.cat((extra_out, out) if extra_first else (out, extra_out), dim=1).transpose(1, 2)
-
-
-def _autocast_keys():
-    c = torch._C
-    keys = c.DispatchKeySet(c.DispatchKey.AutocastCPU)
-    for name in dir(c.DispatchKey):
-        if name.startswith("Autocast"):
-            keys = keys | c.DispatchKeySet(getattr(c.DispatchKey, name))
-    return keys
-
-
-@contextlib.contextmanager
-def _eager_dispatch():
-    """Run plain eager code (with autograd) inside a custom op's implementation.
-
-    torch calls a custom op's implementation with every dispatch key above the
-    backend excluded (autograd, functorch, ...). The paths called from here
-    need them back: eager FlexAttention goes through its autograd function and
-    ``vmap`` even for a forward, and the backward recomputes the forward under
-    autograd. Autocast stays off, as it is for any op's implementation.
-    """
-    c = torch._C
-    # Outside any op, torch excludes exactly the autocast keys (autocast adds
-    # them to the include set when enabled); restore that state.
-    with c._ForceDispatchKeyGuard(c._dispatch_tls_local_include_set(), _autocast_keys()):
-        yield
 
 
 # The rewrite inserts a custom op rather than the Python above: AOT autograd
@@ -148,15 +157,16 @@ def rewritten_attention(
     scale: Optional[float],
     enable_gqa: bool,
     backend: Optional[str],
+    tile: Optional[list[int]] = None,
 ) -> Tensor:
-    with _eager_dispatch(), torch.no_grad():
+    with eager_dispatch(), torch.no_grad():
         return gna_attention(query, key, value, grid, kernel_size, stride, dilation, is_causal, extra_tokens,
-                             extra_first, scale, enable_gqa, backend)
+                             extra_first, scale, enable_gqa, backend, tile)
 
 
 @rewritten_attention.register_fake
 def _rewritten_attention_fake(query, key, value, grid, kernel_size, stride, dilation, is_causal, extra_tokens,
-                              extra_first, scale, enable_gqa, backend):
+                              extra_first, scale, enable_gqa, backend, tile=None):
     b, h, s, _ = query.shape
     return query.new_empty((b, s, h, value.shape[-1])).transpose(1, 2)
 
@@ -177,14 +187,15 @@ def rewritten_attention_backward(
     scale: Optional[float],
     enable_gqa: bool,
     backend: Optional[str],
+    tile: Optional[list[int]] = None,
 ) -> list[Tensor]:
     # Recompute the forward under autograd and differentiate it: gradients come
     # from the chosen path's own autograd (the kernel op's registered backward,
     # flex's backward, or plain ops for the reference).
     inputs = [t.detach().requires_grad_() for t in (query, key, value)]
-    with _eager_dispatch(), torch.enable_grad():
+    with eager_dispatch(), torch.enable_grad():
         out = gna_attention(*inputs, grid, kernel_size, stride, dilation, is_causal, extra_tokens, extra_first,
-                            scale, enable_gqa, backend)
+                            scale, enable_gqa, backend, tile)
         return list(torch.autograd.grad(out, inputs, grad_out.to(out.dtype)))
 
 
@@ -217,10 +228,9 @@ def _replace(graph: fx.Graph, old: fx.Node, target, args: tuple, kwargs: dict, m
     # Keep provenance (module stack, stack trace); the value itself has new
     # strides, so it is recomputed from the op's fake implementation.
     new.meta = {k: v for k, v in meta_from.meta.items() if k not in ("example_value", "val", "tensor_meta")}
-    example = old.meta.get("example_value")
-    fake_mode = getattr(example, "fake_mode", None) if isinstance(example, torch.Tensor) else None
+    fake_args, fake_kwargs = fx.node.map_arg((args, kwargs), lambda n: n.meta.get("example_value"))
+    fake_mode = getattr(fake_args[0], "fake_mode", None)
     if fake_mode is not None:
-        fake_args, fake_kwargs = fx.node.map_arg((args, kwargs), lambda n: n.meta.get("example_value"))
         with fake_mode:
             new.meta["example_value"] = target(*fake_args, **fake_kwargs)
     return new
@@ -242,13 +252,11 @@ def rewrite_sdpa(graph: fx.Graph, call: AttentionCall, decision: Decision) -> No
 def flex_rewrite_blocker(call: AttentionCall) -> Optional[str]:
     """Why a flex_attention call with a gna_flex block mask cannot be rewritten, or None."""
     params, tile, extra = call.gna_mask
-    if tile is not None:
-        return f"block mask is in tile-major order (tile {tile}); only raster-order masks are rewritten"
     if len(call.query_shape) != 4 or len(call.key_shape) != 4 or len(call.value_shape) != 4:
         return f"inputs are not 4-D [B, heads, S, D] ({call.shapes})"
     if any(d < 0 for d in (*call.query_shape, *call.key_shape, *call.value_shape)):
         return "dynamic (symbolic) shapes"
-    n = params.num_tokens
+    n = make_tile_layout(params.grid, tile).num_tokens if tile is not None else params.num_tokens
     if call.query_shape[2] not in (n, n + extra):
         return f"query length {call.query_shape[2]} is neither the grid ({n}) nor grid + extra ({n + extra})"
     if call.key_shape[2] < n + extra:
@@ -288,11 +296,12 @@ def _is_identity_score_mod(score_mod) -> bool:
 
 def rewrite_flex(graph: fx.Graph, call: AttentionCall, backend: Optional[str] = None) -> None:
     """Replace one flex_attention node (and its ``[0]`` getitem) by ``gna_flex::rewritten_attention``."""
-    params, _, extra = call.gna_mask
+    params, tile, extra = call.gna_mask
     a = call.args
     gqa = call.query_shape[1] != call.key_shape[1]
     args = (a["query"], a["key"], a["value"], list(params.grid), list(params.kernel_size), list(params.stride),
-            list(params.dilation), list(params.is_causal), extra, False, a["scale"], gqa, backend)
+            list(params.dilation), list(params.is_causal), extra, False, a["scale"], gqa, backend,
+            list(tile) if tile is not None else None)
     getters = output_users(call.node).get(0, [])
     meta_from = getters[0] if getters else call.node
     new = _replace(graph, call.node, _OP, args, {}, meta_from)

@@ -245,6 +245,21 @@ def test_flex_block_mask_model_is_rewritten_without_options(q_extra):
     assert rows[0].rewritten, rows[0].reason
 
 
+def test_flex_tile_major_block_mask_is_rewritten():
+    grid, tile, extra = (3, 6, 8), (2, 4, 4), 8
+    bm = flex.block_mask(grid, (2, 3, 4), (1, 2, 2), tile=tile, extra_tokens=extra)
+    s = flex.mask_spec(grid, (2, 3, 4), tile=tile, extra_tokens=extra).valid_tokens
+    q, k, v = (torch.randn(2, 2, s, 16) for _ in range(3))
+    model = FlexAttention()
+    compiled = torch.compile(model, backend=gna_backend, options={"inner": "aot_eager"})
+    with torch.no_grad():
+        out = compiled(q, k, v, bm)
+        expected = model(q, k, v, bm)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    rows = explain(compiled)
+    assert len(rows) == 1 and rows[0].rewritten and "tile-major" in rows[0].reason
+
+
 def test_flex_with_foreign_block_mask_is_untouched():
     from torch.nn.attention.flex_attention import create_block_mask
 

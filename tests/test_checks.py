@@ -93,3 +93,15 @@ def test_device_mismatch_is_reported():
         k = k.to("meta")
         with pytest.raises(ValueError, match="key is on meta"):
             check_inputs(q, k, v, 3)
+
+
+def test_check_inputs_for_params_grid_and_type():
+    from gna_flex.checks import check_inputs_for
+    from gna_flex.spec import make_params
+
+    q, k, v = _qkv()
+    assert check_inputs_for(q, k, v, make_params((6, 7), 3)).heads == 4
+    with pytest.raises(ValueError, match=r"differs from params.grid \(6, 8\)"):
+        check_inputs_for(q, k, v, make_params((6, 8), 3))
+    with pytest.raises(TypeError, match="GNAParams"):
+        check_inputs_for(q, k, v, (6, 7))

@@ -158,6 +158,12 @@ def test_masks_are_cached_and_marked():
     assert flex.gna_params_of(a) == (p, (2, 4), 2)
     assert flex.gna_params_of(a.mask_mod) == (p, (2, 4), 2)
     assert flex.gna_params_of(a.to("cpu")) == (p, (2, 4), 2)
+    # tensors reach a compile backend as graph inputs: each carries the marker
+    assert flex.gna_params_of(a.kv_num_blocks) == (p, (2, 4), 2)
+    assert flex.gna_params_of(a.full_kv_indices) == (p, (2, 4), 2)
+    captured = [c.cell_contents for c in a.mask_mod.__closure__ if isinstance(c.cell_contents, torch.Tensor)]
+    assert captured and all(flex.gna_params_of(t) == (p, (2, 4), 2) for t in captured)
+    assert flex.gna_params_of(torch.zeros(3)) is None
     assert flex.gna_params_of(flex_attention) is None
 
 
@@ -300,5 +306,73 @@ def test_flex_na_bad_inputs():
         flex.flex_na(q, torch.randn(1, 5, 6, 4, 4), torch.randn(1, 5, 6, 4, 8), params)
     with pytest.raises(ValueError, match="together"):
         flex.flex_na(q, q, q, params, additional_keys=torch.randn(1, 2, 4, 8))
-    with pytest.raises(ValueError, match="float64"):
+    with pytest.raises(TypeError, match="float64"):
         flex.flex_na(q, q.double(), q, params)
+
+
+@pytest.mark.parametrize(
+    "grid, ks, st_, di, ca, extra, heads, heads_kv, tile",
+    [
+        ((11,), 4, 2, 2, True, 3, 4, 2, None),
+        ((5, 7), (3, 4), (2, 1), 1, (False, True), 2, 2, 2, (2, 4)),
+        ((4, 5, 6), (2, 3, 4), (1, 3, 2), (2, 1, 1), False, 0, 2, 1, (2, 2, 4)),
+    ],
+)
+def test_flex_na_gradients_on_cpu(grid, ks, st_, di, ca, extra, heads, heads_kv, tile):
+    params = make_params(grid, ks, st_, di, ca)
+    dt = torch.float64
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=dt, requires_grad=True)
+
+    q, k, v = t(2, *grid, heads, 8), t(2, *grid, heads_kv, 8), t(2, *grid, heads_kv, 8)
+    ak, av = (t(2, extra, heads_kv, 8), t(2, extra, heads_kv, 8)) if extra else (None, None)
+    inputs = [x for x in (q, k, v, ak, av) if x is not None]
+    out, lse = flex.flex_na(q, k, v, params, additional_keys=ak, additional_values=av, return_lse=True, tile=tile,
+                            block_size=8)
+    ref, ref_lse = reference.na(q, k, v, ks, st_, di, ca, additional_keys=ak, additional_values=av, return_lse=True,
+                                compute_dtype=dt)
+    g, gl = torch.randn_like(ref), torch.randn_like(ref_lse)
+    got = torch.autograd.grad((out * g).sum() + (lse * gl).sum(), inputs)
+    want = torch.autograd.grad((ref * g).sum() + (ref_lse * gl).sum(), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_flex_na_compiled_cpu_two_configs():
+    """The compiled path (Inductor's CPU flex, forward only) is exact and serves a second config without a recompile."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    flex._COMPILED_FLEX = None
+    q = torch.randn(1, 6, 9, 10, 4, 16)
+    k, v = torch.randn(1, 6, 9, 10, 2, 16), torch.randn(1, 6, 9, 10, 2, 16)
+    ak, av = torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16)
+    for cfg in [((3, 4, 4), (1, 2, 4), (1, 2, 1), (False, True, False)), ((2, 3, 5), 1, 1, False)]:
+        params = make_params((6, 9, 10), *cfg)
+        out = flex.flex_na(q, k, v, params, additional_keys=ak, additional_values=av, compile=True, block_size=64)
+        want = reference.na(q, k, v, *cfg, additional_keys=ak, additional_values=av)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames == 1, frames
+
+
+def test_default_kernel_options():
+    bf16 = torch.bfloat16
+    opts = flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0))
+    assert opts == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, ROWS_GUARANTEED_SAFE=True)
+    # padding rows see nothing: the all-masked-row guard must stay on
+    assert "ROWS_GUARANTEED_SAFE" not in flex.default_kernel_options(bf16, 128, True, (128, 128), (9, 0))
+    # kernel blocks must divide the sparse blocks; other cards and dtypes keep torch's heuristics
+    assert "BLOCK_M" not in flex.default_kernel_options(bf16, 128, False, (64, 64), (9, 0))
+    assert "BLOCK_M" not in flex.default_kernel_options(bf16, 128, False, (128, 128), (8, 0))
+    assert "BLOCK_M" not in flex.default_kernel_options(torch.float32, 128, False, (128, 128), (9, 0))
+
+
+def test_recompile_headroom_is_scoped():
+    import torch._dynamo.config as dynamo_config
+
+    before = dynamo_config.recompile_limit
+    with flex._recompile_headroom():
+        assert dynamo_config.recompile_limit >= 256
+    assert dynamo_config.recompile_limit == before

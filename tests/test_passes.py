@@ -180,6 +180,14 @@ def test_decide_gqa_needs_enable_gqa():
     assert d.rewrite
 
 
+@pytest.mark.parametrize("path", ["kernel", "flex"])
+def test_predicted_speedup_with_dilation_and_causal(path):
+    rule = Rule(grid=(16, 40), kernel_size=(4, 7), stride=(2, 3), dilation=(2, 3), is_causal=(True, False),
+                extra_tokens=5)
+    speedup = predict_speedup(rule, 4, 64, 2, torch.float16, None, path)
+    assert math.isfinite(speedup) and speedup > 0
+
+
 def test_predicted_speedup_grows_with_sparsity():
     big = (30, 48, 80)
     dense_like = Rule(grid=big, kernel_size=(30, 48, 80), min_speedup=0)
@@ -230,6 +238,29 @@ def test_gna_attention_gqa_scale_and_grid_queries_only():
     pad = torch.randn(1, 2, 5, 8)
     out = gna_attention(q[:, :, :n], torch.cat([k, pad], 2), torch.cat([v, pad], 2), *args)
     torch.testing.assert_close(out, expected[:, :, :n], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grid, tile", [((4, 6), (2, 3)), ((5, 7), (2, 4)), ((3, 4, 5), (2, 2, 2))])
+@pytest.mark.parametrize("extra, q_extra", [(0, False), (3, True), (3, False)])
+def test_gna_attention_tile_major_matches_flex(grid, tile, extra, q_extra):
+    # Sequences in the tile-major order of a gna_flex block mask (padding included): compare with
+    # flex_attention under that very mask.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from gna_flex import flex
+
+    params = make_params(grid, 2, 1)
+    p = flex.mask_spec(params, None, tile=tile, extra_tokens=extra).grid_tokens
+    q_len, kv_len = (p + extra if q_extra else p), p + extra + 2
+    bm = flex.block_mask(params, None, tile=tile, extra_tokens=extra, q_len=q_len, kv_len=kv_len)
+    q = torch.randn(2, 2, q_len, 8)
+    k, v = torch.randn(2, 2, kv_len, 8), torch.randn(2, 2, kv_len, 8)
+    with torch.no_grad():
+        expected = flex_attention(q, k, v, block_mask=bm)
+    out = gna_attention(q, k, v, params.grid, params.kernel_size, params.stride, params.dilation, params.is_causal,
+                        extra, False, None, False, "reference", list(tile))
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_rewritten_attention_op_registration():

@@ -15,6 +15,19 @@ tile-major order and back: ``8 * N * H * D * B * element_size`` bytes (plus
 the extra keys and values). Float32 divides every compute rate by the
 family's ``float32_slowdown``.
 
+Head-dim efficiency: the rates are fitted at one head dim (the family's
+``head_dim_efficiency.reference``, 128 on sm90), and work grows linearly with
+``D``, but kernels run at a lower rate for small head dims (on an H200, cuDNN
+SDPA does about 466 TFLOP/s at ``D = 64`` against 610 at 128). Each compute
+rate of a part (``"dense"``, ``"kernel"``, ``"flex"``) is multiplied by that
+part's efficiency at ``D`` (:func:`head_dim_efficiency`); launch time and
+permutation bandwidth are not. The efficiency table holds only measured head
+dims (the reference, 1.0 by definition, and those fitted by
+``benchmarks/calibrate_sim.py``); other head dims are interpolated linearly in
+``log2(D)`` between the nearest measured ones and clamped to the nearest
+measured value outside their range, and :class:`Estimate` marks them as not
+measured (``efficiency["gna_measured"]`` / ``["dense_measured"]``).
+
 The constants live in ``calibration.json`` per device family (``"sm90"``
 and ``"default"``), each with the card and date it came from and a
 ``status`` that stays ``"uncalibrated"`` until ``benchmarks/calibrate_sim.py``
@@ -31,7 +44,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -53,6 +66,10 @@ __all__ = [
     "PATH_FOLDS_DILATION",
     "path_simulate_kwargs",
     "report_fits_path",
+    "head_dim_efficiency",
+    "path_time_ms",
+    "dense_time_ms",
+    "family_constants",
 ]
 
 PATHS = ("kernel", "flex")
@@ -90,6 +107,10 @@ class Estimate:
     #: "calibrated" or "uncalibrated" (seed constants), and where they came from.
     status: str
     card: str
+    #: Head-dim efficiency applied to the compute rates: ``{"head_dim", "gna", "dense",
+    #: "gna_measured", "dense_measured"}`` (``*_measured`` is False for an interpolated
+    #: or clamped head dim; see :func:`head_dim_efficiency`).
+    efficiency: dict[str, Any] = field(default_factory=dict)
 
     def asdict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,25 +235,66 @@ def cost_features(
     }
 
 
-def path_time_ms(consts: dict[str, Any], path: str, rank: int, full_tflop, partial_tflop, permute_gb
-                 ) -> dict[str, Any]:
-    """The model's terms (ms) for one path of one family's constants; works on floats or numpy arrays."""
+def head_dim_efficiency(consts: dict[str, Any], part: str, head_dim: int) -> tuple[float, bool]:
+    """``(factor, measured)``: the compute-rate multiplier of ``part`` at ``head_dim``.
+
+    ``part`` is ``"dense"``, ``"kernel"`` or ``"flex"``; ``consts`` one family's
+    constants. The factor comes from ``consts["head_dim_efficiency"][part]``
+    (head dim as a string -> factor; 1.0 at the reference head dim). A head dim
+    in the table is measured; one between two measured head dims is
+    interpolated linearly in ``log2(head_dim)``, one outside their range takes
+    the nearest measured value (no extrapolated trend), both not measured. A
+    family or part without a table gives ``(1.0, False)``: time linear in
+    ``head_dim``, an assumption rather than a measurement.
+    """
+    _check_positive("head_dim", head_dim)
+    table = (consts.get("head_dim_efficiency") or {}).get(part) or {}
+    points = sorted((int(k), float(v)) for k, v in table.items())
+    bad = [(d, e) for d, e in points if not e > 0]
+    if bad:
+        raise ValueError(f"head_dim_efficiency[{part!r}] factors must be > 0, got {dict(bad)}")
+    if not points:
+        return 1.0, False
+    for d, e in points:
+        if d == head_dim:
+            return e, True
+    if head_dim < points[0][0]:
+        return points[0][1], False
+    if head_dim > points[-1][0]:
+        return points[-1][1], False
+    for (d0, e0), (d1, e1) in zip(points, points[1:]):
+        if d0 < head_dim < d1:
+            w = (math.log2(head_dim) - math.log2(d0)) / (math.log2(d1) - math.log2(d0))
+            return e0 + w * (e1 - e0), False
+    raise AssertionError("unreachable: head_dim lies in the table's range")
+
+
+def path_time_ms(consts: dict[str, Any], path: str, rank: int, full_tflop, partial_tflop, permute_gb,
+                 head_dim: Optional[int] = None) -> dict[str, Any]:
+    """The model's terms (ms) for one path of one family's constants; works on floats or numpy arrays.
+
+    With ``head_dim`` the compute rates are scaled by the path's head-dim
+    efficiency (:func:`head_dim_efficiency`); without it they are the rates at
+    the reference head dim.
+    """
     pc = consts[path]
+    eff = 1.0 if head_dim is None else head_dim_efficiency(consts, path, head_dim)[0]
     partial_rate = pc["partial_tflops"]
     if isinstance(partial_rate, dict):
         partial_rate = partial_rate[str(rank)]
     bandwidth = pc.get("permute_gbps")
     return {
         "launch_ms": pc["launch_us"] * 1e-3,
-        "full_ms": full_tflop / pc["full_tflops"] * 1e3,
-        "partial_ms": partial_tflop / partial_rate * 1e3,
+        "full_ms": full_tflop / (pc["full_tflops"] * eff) * 1e3,
+        "partial_ms": partial_tflop / (partial_rate * eff) * 1e3,
         "permute_ms": permute_gb / bandwidth * 1e3 if bandwidth else 0.0 * permute_gb,
     }
 
 
-def dense_time_ms(consts: dict[str, Any], dense_tflop):
-    """Predicted dense attention time (ms) for ``dense_tflop`` of work."""
-    return consts["dense"]["launch_us"] * 1e-3 + dense_tflop / consts["dense"]["tflops"] * 1e3
+def dense_time_ms(consts: dict[str, Any], dense_tflop, head_dim: Optional[int] = None):
+    """Predicted dense attention time (ms) for ``dense_tflop`` of work (rate scaled as in :func:`path_time_ms`)."""
+    eff = 1.0 if head_dim is None else head_dim_efficiency(consts, "dense", head_dim)[0]
+    return consts["dense"]["launch_us"] * 1e-3 + dense_tflop / (consts["dense"]["tflops"] * eff) * 1e3
 
 
 def family_constants(device: Union[str, torch.device, None], calibration: Optional[dict[str, Any]] = None
@@ -269,15 +331,19 @@ def estimate(
             (the structure of ``calibration.json``).
 
     Returns:
-        An :class:`Estimate` with ``gna_ms``, ``dense_ms`` and ``speedup = dense_ms / gna_ms``.
+        An :class:`Estimate` with ``gna_ms``, ``dense_ms`` and ``speedup = dense_ms / gna_ms``;
+        its ``efficiency`` says which head-dim efficiency was applied and whether
+        it was measured at this head dim.
     """
     family, consts = family_constants(device, calibration)
     slow = float(consts.get("float32_slowdown", 1.0))
     feats = cost_features(report, heads, head_dim, batch, dtype, path, slow)
     breakdown = path_time_ms(consts, path, len(report.grid), feats["full_tflop"], feats["partial_tflop"],
-                             feats["permute_gb"])
+                             feats["permute_gb"], head_dim)
     gna_ms = math.fsum(breakdown.values())
-    dense_ms = dense_time_ms(consts, feats["dense_tflop"])
+    dense_ms = dense_time_ms(consts, feats["dense_tflop"], head_dim)
+    gna_eff, gna_measured = head_dim_efficiency(consts, path, head_dim)
+    dense_eff, dense_measured = head_dim_efficiency(consts, "dense", head_dim)
     return Estimate(
         path=path,
         device=family,
@@ -288,4 +354,6 @@ def estimate(
         breakdown=breakdown,
         status=consts.get("status", "uncalibrated"),
         card=consts.get("card", "unknown"),
+        efficiency={"head_dim": head_dim, "gna": gna_eff, "dense": dense_eff, "gna_measured": gna_measured,
+                    "dense_measured": dense_measured},
     )

@@ -163,7 +163,7 @@ def recommend(
                                   params.is_causal, q_tile=tile_pairs[0][0], kv_tile=tile_pairs[0][1],
                                   extra_tokens=extra_tokens, **path_simulate_kwargs(path)),
                          heads, head_dim, batch, dtype, path, slow)
-    dense_ms = dense_time_ms(consts, base["dense_tflop"])
+    dense_ms = dense_time_ms(consts, base["dense_tflop"], head_dim)
     unit = 4.0 * head_dim * heads * batch * 1e-12 * (slow if _dtype_info(dtype)[1] == 4 else 1.0)
     e = extra_tokens
     padded_q_partial = path in _PADDED_Q_IS_PARTIAL
@@ -216,7 +216,7 @@ def recommend(
             full = full.reshape(-1) + (num_q_full if padded_q_partial else num_q) * (e // kv_vol)
             per_pair = unit * q_vol * kv_vol
             terms = path_time_ms(consts, path, ndim, full * per_pair, (visited - full) * per_pair,
-                                 base["permute_gb"])
+                                 base["permute_gb"], head_dim)
             gna = sum(terms.values())
             speed = dense_ms / gna
             order = np.lexsort((stride_prod.reshape(-1), distance.reshape(-1), -np.round(speed, 9)))[: top * 4]

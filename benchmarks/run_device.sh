@@ -1,0 +1,40 @@
+#!/bin/bash
+# One GPU-machine call (repo root, carry .whl): build gna_flex._C for sm_90a, then in order of
+# priority the flex benchmark, the GPU tests and the simulator calibration, each under its own
+# time limit, skipping what would run past BUDGET seconds. Logs and result files go to $OUT.
+#   .whl/    nvidia-cutlass 4.2.0.0 and natten 0.21.7 wheels; .whl/kt/ pytest + hypothesis wheels
+# Usage: bash benchmarks/run_device.sh [steps...]   (default: flex tests calibrate)
+set -o pipefail
+export PYTHONUNBUFFERED=1
+BUDGET=${BUDGET:-560}
+OUT=${OUT:-/tmp/gna_out}; mkdir -p "$OUT"
+# The source tree is used in place: map gna_flex.passes to passes/ as an install would.
+[ -e gna_flex/passes ] || ln -s ../passes gna_flex/passes
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+  .whl/kt/*.whl .whl/natten-*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+python3 -c "import zipfile; z=zipfile.ZipFile('.whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl'); z.extractall('/tmp/cl', [n for n in z.namelist() if n.startswith('cutlass_library/source/include/')])" || exit 1
+export CUTLASS_INCLUDE=/tmp/cl/cutlass_library/source/include
+GNA_FLEX_CUDA_ARCH=90a python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build done at ${SECONDS} s"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
+
+step() {  # step NAME LIMIT COMMAND...
+  local name=$1 limit=$2; shift 2
+  if (( SECONDS + limit > BUDGET )); then limit=$(( BUDGET - SECONDS )); fi
+  if (( limit < 20 )); then echo "$name: skipped (no time left)"; return; fi
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "$name: rc $? at ${SECONDS} s"; tail -${TAIL:-14} "$OUT/$name.log"
+}
+steps=${*:-flex tests calibrate}
+for s in $steps; do
+  case $s in
+    flex) step bench_flex 330 python3 benchmarks/bench_flex.py --quick --out "$OUT/flex.json" ;;
+    flexall) step bench_flex_all 540 python3 benchmarks/bench_flex.py --out "$OUT/flex_all.json" ;;
+    tests) step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernel.py tests/gpu/test_flex_gpu.py ;;
+    backendtests) step backend_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_backend_gpu.py ;;
+    calibrate) step calibrate_sim 200 python3 benchmarks/calibrate_sim.py --quick --out "$OUT/calibrate.json" ;;
+    backend) step bench_backend 240 python3 benchmarks/bench_backend.py --out "$OUT/backend.json" ;;
+    kernel) step bench_kernel 120 python3 benchmarks/bench_kernel.py --head-dim 128 --out "$OUT/kernel.json" ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
