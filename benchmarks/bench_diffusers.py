@@ -41,13 +41,10 @@ scaled model is that of the full one up to the embedding/output layers.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import math
-import re
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -58,8 +55,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 # Published transformer configs (FLUX.1-dev, hunyuanvideo-community/HunyuanVideo).
 FLUX_DEV = dict(
@@ -111,27 +110,6 @@ DRY_CASES = {
 }
 
 
-# --------------------------------------------------------------------------- environment
-
-
-def card_slug(name: str) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100-80gb-hbm3"`` (for file names)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return slug.removeprefix("nvidia-") or "unknown"
-
-
-def git_commit() -> str:
-    """HEAD's hash, with ``-dirty`` when tracked files changed; ``unknown`` outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
 # --------------------------------------------------------------------------- timing
 
 
@@ -139,11 +117,11 @@ class Clock:
     """Wall time of GPU work with CUDA events (CPU: perf_counter)."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
 
     def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+        common.sync(self.device)
 
     def mark(self) -> Any:
         if self.cuda:
@@ -391,11 +369,11 @@ def table(models: dict) -> str:
 
 
 def write_results(path: Path, run: dict) -> None:
+    """Write ``run`` to ``path``, keeping the entries of models that ``run`` did not measure."""
     previous = json.loads(path.read_text()) if path.exists() else {}
     models = dict(previous.get("models", {}))
     models.update(run["models"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(run, models=models), indent=2) + "\n")
+    common.write_json(path, dict(run, models=models))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -423,10 +401,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not torch.cuda.is_available():
             parser.error("needs a CUDA GPU (use --dry-run for the CPU smoke test)")
         device, dtype, cases = torch.device("cuda"), torch.bfloat16, CASES
-        card = torch.cuda.get_device_name(device)
+        card = common.card_name(device)
+    env = common.environment()  # card, versions, commit (see common.git_commit), time
     run: dict[str, Any] = dict(
-        card=card, torch=torch.__version__, diffusers=diffusers.__version__, commit=git_commit(),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), dtype=str(dtype).removeprefix("torch."),
+        env, card=card, diffusers=diffusers.__version__, date=env["utc"], dtype=str(dtype).removeprefix("torch."),
         batch=1, warmup=args.warmup, reps=args.reps, backend_arg=args.backend, models={},
     )
     failed = False
@@ -442,7 +420,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         gc.collect()  # free this model before building the next
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out = args.out or RESULTS / f"diffusers-{card_slug(card)}.json"
+    out = args.out or common.RESULTS / f"diffusers-{common.card_slug(card)}.json"
     write_results(out, run)
     print(f"wrote {out}")
     print(table(run["models"]))

@@ -51,10 +51,7 @@ import copy
 import datetime as dt
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -74,8 +71,12 @@ from gna_flex.sim.cost import (
 )
 from gna_flex.spec import make_params
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or loaded by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+ROOT = common.REPO
 PACKAGE_CALIBRATION = ROOT / "gna_flex" / "sim" / "calibration.json"
 
 # name, grid, kernel_size, stride, tile, extra tokens, causal
@@ -108,30 +109,17 @@ SMOKE_CONFIGS = [
 ]
 
 
-def git_commit() -> str:
-    env = os.environ.get("GNA_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 # ---------------------------------------------------------------------------
 # Measurement
 
 
 def _bench(fn: Callable[[], Any], expected_ms: float = 1.0, device: str = "cuda") -> float:
-    if device != "cuda":  # --cpu-smoke: checks the measuring code, the numbers mean nothing
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    from triton.testing import do_bench
+    """:func:`common.bench_ms` with warm-up and repeat budgets grown from ``expected_ms``.
 
-    return float(do_bench(fn, warmup=max(25, 2 * expected_ms), rep=max(200, 8 * expected_ms),
-                          return_mode="median"))
+    On the CPU (``--cpu-smoke``) one timed call: it checks the measuring code, the numbers mean nothing.
+    """
+    return common.bench_ms(fn, device=torch.device(device), warmup=max(25, 2 * expected_ms),
+                           rep=max(200, 8 * expected_ms), cpu_repeats=1)
 
 
 def measure(configs, heads: int, head_dim: int, batch: int, dtype: torch.dtype, with_kernel: bool,
@@ -631,7 +619,7 @@ def from_results(files: list[Path], family: Optional[str], write: bool) -> int:
 def write_package_calibration(family: str, constants: dict) -> None:
     data = json.loads(PACKAGE_CALIBRATION.read_text())
     data["families"][family] = constants
-    PACKAGE_CALIBRATION.write_text(json.dumps(data, indent=2) + "\n")
+    common.write_json(PACKAGE_CALIBRATION, data)
     print(f"updated {PACKAGE_CALIBRATION.relative_to(ROOT)} [{family}]")
 
 
@@ -677,7 +665,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print("calibrate_sim.py: no CUDA device (use --dry-run to check the pipeline)", file=sys.stderr)
             return 2
         family = args.family or device_family(torch.device("cuda"))
-        card = torch.cuda.get_device_name()
+        card = common.card_name()
         capability = list(torch.cuda.get_device_capability())
         records = measure(configs, args.heads, args.head_dim, args.batch, dtype, not args.no_kernel)
     other_dims = [int(d) for d in args.head_dims.split(",") if d.strip() and int(d) != args.head_dim]
@@ -701,16 +689,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     print_table(rows_after, f"prediction vs measurement, fitted constants ({card})")
     print("\nfitted constants:\n" + json.dumps(fitted, indent=2))
 
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or RESULTS / f"calibrate_sim_{family}_{stamp}{'_dry' if args.dry_run else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    env = common.environment()  # versions, commit (see common.git_commit), time
+    stamp = env["utc"].replace("-", "").replace(":", "")  # 20260101T120000Z
+    out = args.out or common.RESULTS / f"calibrate_sim_{family}_{stamp}{'_dry' if args.dry_run else ''}.json"
     result = {
         "kind": "gna_sim_calibration",
+        **env,
         "card": card,
         "capability": capability,
-        "torch": torch.__version__,
-        "commit": git_commit(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": env["utc"],
         "family": family,
         "dry_run": args.dry_run,
         "reference_head_dim": args.head_dim,
@@ -722,7 +709,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "predictions_before": rows_before,
         "predictions": rows_after,
     }
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(out, result)
     print(f"\nwrote {out}")
     if args.write:
         if args.dry_run:

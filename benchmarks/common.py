@@ -44,16 +44,36 @@ def card_slug(name: Optional[str] = None) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-") or "unknown"
 
 
+COMMIT_ENV = "GNA_FLEX_COMMIT"
+
+
 def git_commit() -> str:
-    """``HEAD`` of the repository, with ``-dirty`` when tracked files differ from it."""
+    """The commit the measured tree is at: ``$GNA_FLEX_COMMIT`` if set, else git's ``HEAD``.
+
+    ``GNA_FLEX_COMMIT`` (environment variable, any non-empty string, stored
+    as given): set it where the tree has no git metadata, e.g. the copy run
+    on the GPU machine, so result files name the commit instead of
+    ``"unknown"``. The caller computes it where git is (``git rev-parse HEAD``,
+    plus ``-dirty`` when the copied tree has uncommitted changes) and passes
+    the value literally: ``GNA_FLEX_COMMIT=<hash> bash benchmarks/run_device.sh``
+    (see that script's header).
+    Unset or empty: ``git rev-parse HEAD`` of this repository, with
+    ``-dirty`` appended when tracked files differ from it; ``"unknown"`` when
+    git is missing or this tree is not the top of a git repository.
+    """
+    given = os.environ.get(COMMIT_ENV, "").strip()
+    if given:
+        return given
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        top, head = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=REPO, capture_output=True,
+                                   text=True, check=True).stdout.splitlines()
+        if Path(top).resolve() != REPO:  # a copy without .git inside some other repository: not our commit
+            return "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("GNA_GIT_COMMIT", "unknown")
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
 
 
 def environment() -> dict[str, Any]:

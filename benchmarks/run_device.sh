@@ -3,11 +3,17 @@
 # priority the flex benchmark, the GPU tests and the simulator calibration, each under its own
 # time limit, skipping what would run past BUDGET seconds. Logs and result files go to $OUT.
 #   .whl/    nvidia-cutlass 4.2.0.0 and natten 0.21.7 wheels; .whl/kt/ pytest + hypothesis wheels
-# Usage: bash benchmarks/run_device.sh [steps...]   (default: flex tests calibrate)
+# Usage: GNA_FLEX_COMMIT=<hash> bash benchmarks/run_device.sh [steps...]   (default: flex tests calibrate)
+# GNA_FLEX_COMMIT: the commit of the tree being copied over. The device copy has no .git, so without it every
+# result file records commit "unknown" (benchmarks/common.py git_commit reads it). Compute it in the checkout
+# before the call and pass the value literally (no $(git ...) in the device command: git has nothing to read
+# there):  echo "$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty)"
 set -o pipefail
 export PYTHONUNBUFFERED=1
 BUDGET=${BUDGET:-560}
 OUT=${OUT:-/tmp/gna_out}; mkdir -p "$OUT"
+if [ -n "$GNA_FLEX_COMMIT" ]; then export GNA_FLEX_COMMIT; echo "commit: $GNA_FLEX_COMMIT"
+else echo "commit: GNA_FLEX_COMMIT not set: result files will record \"unknown\""; fi
 # The source tree is used in place: map gna_flex.passes to passes/ as an install would.
 [ -e gna_flex/passes ] || ln -s ../passes gna_flex/passes
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \

@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import functional, ops, reference
+from .sim import estimate, simulate
 from .spec import count_pairs, make_params
 
 
@@ -47,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     backend = ops.select_backend(args.backend, q, k, v, params)
     print(f"grid {grid}, kernel_size {kernel}, stride {stride}, heads {heads}, head dim {dim}, {dtype}, {device}")
     print(f"backend: {backend}; FLOP-wise speedup bound {params.num_tokens ** 2 / count_pairs(params):.2f}x")
+    gpu_cfg = ((30, 48, 80), (18, 24, 24), (16, 8, 8))
+    report = simulate(*gpu_cfg)
+    predicted = estimate(report, 24, 128, 1, torch.bfloat16, device="sm90", path="kernel")
+    print(f"NATTENSim, GPU example {gpu_cfg} with 24 heads, head dim 128, bf16: perfectly block-sparse "
+          f"{'yes' if report.perfectly_block_sparse else 'no'}, predicted fused-kernel speedup "
+          f"{predicted.speedup:.2f}x over dense on an H200")
 
     # Correctness on a grid small enough for the dense reference, same parameters scaled down.
     small_grid, small_kernel, small_stride = (4, 12, 16), (3, 6, 8), (2, 4, 4)
