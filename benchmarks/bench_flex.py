@@ -6,6 +6,7 @@ Usage (GPU machine, one process for all configs):
     python benchmarks/bench_flex.py --quick    # smoke run: first layout and option set per config
     python benchmarks/bench_flex.py --options all --configs 3d-s1
     python benchmarks/bench_flex.py --dry-run  # tiny shapes, CPU eager: checks the script itself
+    python benchmarks/bench_flex.py --configs 3d-s1 --mask-impl tables,arith   # A/B the mask_mods
 
 bf16, batch 1, 24 heads, head dim 128. For each config and each (tile, block
 size, kernel options) variant it reports: the median time (``triton.testing.do_bench``)
@@ -108,6 +109,9 @@ def parse_args(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms of GPU time per measurement)")
+    ap.add_argument("--mask-impl", default=None,
+                    help=f"comma-separated mask_mod implementations ({', '.join(flex.MASK_IMPLS)}); each config "
+                         f"runs once per implementation (default: flex.DEFAULT_MASK_IMPL)")
     return ap.parse_args(argv)
 
 
@@ -306,11 +310,26 @@ def main(argv=None) -> dict:
     print(f"card: {env['card']}  torch {env['torch']}  commit {env['commit']}", flush=True)
     baselines: dict = {}
     entries = []
-    for cfg in configs:
-        print(f"{cfg.name}: grid {cfg.grid} kernel {cfg.kernel_size} stride {cfg.stride}", flush=True)
-        entries.append(run_config(cfg, opt_names, args, device, dtype, baselines))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    impls = args.mask_impl.split(",") if args.mask_impl else [flex.DEFAULT_MASK_IMPL]
+    if any(i not in flex.MASK_IMPLS for i in impls):
+        raise SystemExit(f"unknown --mask-impl {impls}; choose from {list(flex.MASK_IMPLS)}")
+    default_impl = flex.DEFAULT_MASK_IMPL
+    try:
+        for cfg in configs:
+            for impl in impls:
+                # The module default reaches every block_mask / mask_mod / flex_na call of run_config.
+                flex.DEFAULT_MASK_IMPL = impl
+                print(f"{cfg.name} [{impl} mask]: grid {cfg.grid} kernel {cfg.kernel_size} stride {cfg.stride}",
+                      flush=True)
+                entry = run_config(cfg, opt_names, args, device, dtype, baselines)
+                entry["mask_impl"] = impl
+                if len(impls) > 1:
+                    entry["name"] = f"{cfg.name}[{impl}]"
+                entries.append(entry)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        flex.DEFAULT_MASK_IMPL = default_impl
     payload = {
         "benchmark": "bench_flex", "env": env,
         "setup": {"dtype": str(dtype), "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,

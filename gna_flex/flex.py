@@ -17,12 +17,34 @@ key (grid and extra).
 
 No recompiles
 -------------
-The mask_mod reads every parameter (kernel_size, stride, dilation, causal
-flags, tile, token counts) from int32 tensors it captures, never from Python
-constants, so one compiled ``flex_attention`` serves every configuration of a
-grid: Dynamo guards on the captured tensors' metadata, not their values.
-(Only the rank, raster vs tile-major order and whether there are extra
-tokens are structural; each of those changes the sequence anyway.)
+The mask_mod reads every GNA parameter (kernel_size, stride, dilation,
+causal flags) from int32 tensors it captures, never from Python constants,
+so one compiled ``flex_attention`` serves every configuration of a grid and
+token order: Dynamo guards on the captured tensors' metadata, not their
+values. Two implementations compute the same mask (``mask_impl``; the
+module default is :data:`DEFAULT_MASK_IMPL`):
+
+* ``"tables"`` (default): per-token tables built on the host from
+  :func:`gna_flex.spec.axis_windows`. Every query position holds, per axis,
+  the interval ``[lo, hi)`` of key positions its window allows; every key
+  position holds, per axis, its position in that space (dilation group times
+  a band, plus its index inside the group). Per (query, key) element the
+  mask is two compares per axis (plus one AND and one OR with extra tokens);
+  per query row and per key column it is a few table loads. No division by
+  a runtime value runs anywhere. The table shapes depend only on the grid,
+  the order and the number of extra tokens, so dilation, too, changes only
+  table values (1 and > 1 alike): no recompile for any parameter change.
+* ``"arith"``: decodes token index -> coordinates and evaluates the rule
+  per query row and per key column with integer divisions and modulos by
+  the captured parameters (on a 3-D grid, 24 per row and 18 per column, on
+  top of the same compares per element). It holds only a few scalars per
+  mask (the tables hold ``3 * ndim``, ``+ 2`` with extra tokens, int32 per
+  token) but runtime divisions are slow on a GPU (no strength reduction),
+  and the column work repeats for every KV block. Kept to compare against.
+
+Structural (each changes the sequence anyway): the rank, the grid, raster
+vs tile-major order and the tile, and whether there are extra tokens (for
+``"tables"`` also their number, which sizes the tables).
 
 Block masks
 -----------
@@ -64,7 +86,15 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .checks import check_inputs_for
-from .layout import default_tile, unravel_open, make_tile_layout, permute, tile_major_coords, unpermute
+from .layout import (
+    coords_valid,
+    default_tile,
+    make_tile_layout,
+    permute,
+    tile_major_coords,
+    unpermute,
+    unravel_open,
+)
 from .spec import GNAParams, axis_window, axis_windows, make_params
 
 __all__ = [
@@ -76,9 +106,14 @@ __all__ = [
     "flex_na",
     "default_kernel_options",
     "DEFAULT_BLOCK_SIZE",
+    "MASK_IMPLS",
+    "DEFAULT_MASK_IMPL",
 ]
 
 DEFAULT_BLOCK_SIZE = 128
+MASK_IMPLS = ("tables", "arith")
+# Read at call time wherever ``mask_impl=None``: a benchmark may switch it for a whole run.
+DEFAULT_MASK_IMPL = "tables"
 _MARKER = "_gna_params"
 
 
@@ -151,7 +186,105 @@ def _device_key(device) -> torch.device:
 # mask_mod
 
 
-def _make_mask_mod(spec: MaskSpec, device: torch.device) -> Callable:
+def _mask_impl(mask_impl: Optional[str]) -> str:
+    """``mask_impl`` or, for ``None``, the module default :data:`DEFAULT_MASK_IMPL` (validated)."""
+    impl = DEFAULT_MASK_IMPL if mask_impl is None else mask_impl
+    if impl not in MASK_IMPLS:
+        raise ValueError(f"mask_impl must be one of {MASK_IMPLS} (or None for DEFAULT_MASK_IMPL), got {impl!r}")
+    return impl
+
+
+def _window_tables(spec: MaskSpec, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The per-token tables of the ``"tables"`` mask_mod, built on the host.
+
+    Positions ``0 .. T - 1`` (``T = spec.valid_tokens``) are the tokens in
+    the order of ``spec``; position ``T`` is a sentinel (an invalid token)
+    that the mask_mod clamps every index ``>= T`` to, so any ``q_len`` and
+    ``kv_len`` are served by the same tables.
+
+    Returns ``(q_table, k_table)``, int32 on ``device``, rows contiguous:
+
+    * ``q_table [2 * ndim + e, T + 1]``: rows ``2a`` and ``2a + 1`` hold the
+      interval ``[lo, hi)`` of key positions on axis ``a`` the query's window
+      allows. With extra tokens (``e = 1``), row ``2 * ndim`` is 1 for grid
+      queries, which also see every extra key.
+    * ``k_table [ndim + e, T + 1]``: row ``a`` holds the key's position on
+      axis ``a``; with extra tokens, row ``ndim`` is 1 for extra keys.
+
+    Key positions on an axis of length ``L`` and dilation ``d``, with
+    ``band = ceil(L / d)`` (the longest dilation group): a grid key at
+    coordinate ``j`` sits at ``group(j) * band + j // d``, so the rule's
+    window ``(group, start, end)`` of a query (:func:`gna_flex.spec.axis_windows`)
+    is exactly the interval ``[group * band + start, group * band + end)``:
+    a window never leaves its group (``end <= band``), and within a group
+    position order is coordinate order. Extra keys sit at ``d * band``, past
+    every grid key; padding and invalid keys at ``-1``, below every interval.
+    Extra queries get ``[0, d * band + 1)`` (every valid key), padding and
+    invalid queries the empty ``[0, 0)``.
+    """
+    params = spec.params
+    n = params.ndim
+    sg, total = spec.grid_tokens, spec.valid_tokens
+    has_extra = spec.extra_tokens > 0
+    pos = torch.arange(sg)
+    if spec.tile is None:
+        coords = unravel_open(pos, params.grid)
+    else:
+        coords = tile_major_coords(pos, spec.tile, spec.order_tiles)
+    is_grid = coords_valid(coords, params.grid)
+    q_table = torch.zeros(2 * n + has_extra, total + 1, dtype=torch.int64)
+    k_table = torch.full((n + has_extra, total + 1), -1, dtype=torch.int64)
+    for a in range(n):
+        length, _, _, d, _ = params.axis(a)
+        band = -(-length // d)
+        group, start, end = axis_windows(params, a)
+        c = coords[a].clamp(max=length - 1)
+        base = group[c] * band
+        q_table[2 * a, :sg] = torch.where(is_grid, base + start[c], 0)
+        q_table[2 * a + 1, :sg] = torch.where(is_grid, base + end[c], 0)
+        # A key's group and index inside its group: the same split the rule applies to queries.
+        k_table[a, :sg] = torch.where(is_grid, base + c // d, -1)
+        q_table[2 * a + 1, sg:total] = d * band + 1
+        k_table[a, sg:total] = d * band
+    if has_extra:
+        q_table[2 * n, :sg] = is_grid.long()
+        k_table[n] = 0
+        k_table[n, sg:total] = 1
+    return (q_table.to(device=device, dtype=torch.int32).contiguous(),
+            k_table.to(device=device, dtype=torch.int32).contiguous())
+
+
+def _make_table_mask_mod(spec: MaskSpec, device: torch.device) -> Callable:
+    n = spec.params.ndim
+    q_table, k_table = _window_tables(spec, device)
+    # Python constants, fixed by the grid, order and extra-token count (which
+    # fix the sequence anyway): Dynamo guards them, the tables' values are not.
+    last = spec.valid_tokens
+    has_extra = spec.extra_tokens > 0
+
+    def gna_table_mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        # Loads run per query row ([M, 1] in flex's kernel) or per key column
+        # ([1, N]); only the compares run per (query, key) element. The clamp
+        # maps past-the-end indices (any q_len / kv_len) to the sentinel, so
+        # every load stays inside the tables.
+        qi = torch.clamp(q_idx, 0, last)
+        ki = torch.clamp(kv_idx, 0, last)
+        near = None
+        for a in range(n):
+            key = k_table[a][ki]
+            m = (q_table[2 * a][qi] <= key) & (key < q_table[2 * a + 1][qi])
+            near = m if near is None else near & m
+        if not has_extra:
+            return near
+        return near | ((q_table[2 * n][qi] != 0) & (k_table[n][ki] != 0))
+
+    marker = (spec.params, spec.tile, spec.extra_tokens)
+    for obj in (gna_table_mask_mod, q_table, k_table):
+        setattr(obj, _MARKER, marker)
+    return gna_table_mask_mod
+
+
+def _make_arith_mask_mod(spec: MaskSpec, device: torch.device) -> Callable:
     params = spec.params
     n = params.ndim
     # int32 like flex's q_idx / kv_idx: int64 parameters would promote every
@@ -211,9 +344,14 @@ def _make_mask_mod(spec: MaskSpec, device: torch.device) -> Callable:
     return gna_mask_mod
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_mask_mod(spec: MaskSpec, device: torch.device) -> Callable:
-    return _make_mask_mod(spec, device)
+# Table masks hold 3 * ndim (+ 2 with extra tokens) int32 per token on the
+# device: 4 MiB for a 30x48x80 grid, less than one BlockMask of that grid
+# (whose cache of 64 keeps its mask_mod alive anyway). The cache stays at that
+# size so a sweep over many configurations of a large grid does not pin GiBs.
+@functools.lru_cache(maxsize=64)
+def _cached_mask_mod(spec: MaskSpec, device: torch.device, impl: str) -> Callable:
+    make = _make_table_mask_mod if impl == "tables" else _make_arith_mask_mod
+    return make(spec, device)
 
 
 def mask_mod(
@@ -226,6 +364,7 @@ def mask_mod(
     extra_tokens: int = 0,
     *,
     device=None,
+    mask_impl: Optional[str] = None,
 ) -> Callable:
     """The exact GNA mask_mod ``(b, h, q_idx, kv_idx) -> bool`` for FlexAttention.
 
@@ -237,14 +376,20 @@ def mask_mod(
             tile-major order (:mod:`gna_flex.layout`).
         extra_tokens: extra (global) tokens after the grid tokens.
         device: device of the captured parameter tensors (that of q/k/v).
+        mask_impl: ``"tables"`` or ``"arith"`` (see the module docstring;
+            both give the same mask), ``None`` for :data:`DEFAULT_MASK_IMPL`.
 
     The mask follows the rules in the module docstring. Its parameters are
     captured as tensors, so a compiled ``flex_attention`` does not recompile
     when only kernel_size / stride / dilation / is_causal change. Masks are
     cached: equal arguments give the same function object.
+
+    Raises:
+        ValueError: an invalid parameter (see :func:`gna_flex.spec.make_params`),
+            tile, ``extra_tokens`` or ``mask_impl``.
     """
     spec = mask_spec(grid, kernel_size, stride, dilation, is_causal, tile, extra_tokens)
-    return _cached_mask_mod(spec, _device_key(device))
+    return _cached_mask_mod(spec, _device_key(device), _mask_impl(mask_impl))
 
 
 # ---------------------------------------------------------------------------
@@ -469,6 +614,7 @@ def _build_block_mask(
     B: Optional[int],
     H: Optional[int],
     device: torch.device,
+    impl: Optional[str] = None,
 ) -> BlockMask:
     bq, bk = block_size
     # Per-block boxes are small (O(nQ + nK)) and take many tiny ops: build them
@@ -494,7 +640,7 @@ def _build_block_mask(
         full_kv_num_blocks=lift(full_num),
         full_kv_indices=lift(full_idx),
         BLOCK_SIZE=(bq, bk),
-        mask_mod=_cached_mask_mod(spec, device),
+        mask_mod=_cached_mask_mod(spec, device, _mask_impl(impl)),
         seq_lengths=(q_len, kv_len),
     )
     marker = (spec.params, spec.tile, spec.extra_tokens)
@@ -506,8 +652,8 @@ def _build_block_mask(
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_block_mask(spec, q_len, kv_len, block_size, B, H, device) -> BlockMask:
-    return _build_block_mask(spec, q_len, kv_len, block_size, B, H, device)
+def _cached_block_mask(spec, q_len, kv_len, block_size, B, H, device, impl) -> BlockMask:
+    return _build_block_mask(spec, q_len, kv_len, block_size, B, H, device, impl)
 
 
 def block_mask(
@@ -525,6 +671,7 @@ def block_mask(
     *,
     q_len: Optional[int] = None,
     kv_len: Optional[int] = None,
+    mask_impl: Optional[str] = None,
 ) -> BlockMask:
     """A FlexAttention ``BlockMask`` for GNA, built analytically from the rule.
 
@@ -542,6 +689,8 @@ def block_mask(
             included, plus extra tokens). Shorter query sequences keep only
             the first ``q_len`` rows (e.g. grid queries only); longer ones
             hold invalid trailing tokens (e.g. padding to a block multiple).
+        mask_impl: implementation of the mask_mod the BlockMask carries
+            (see :func:`mask_mod`); the block tensors do not depend on it.
 
     Block ``(i, j)`` is *full* when every (query, key) pair of the two blocks
     is allowed (positions past the sequence end count as not allowed, as in
@@ -559,7 +708,7 @@ def block_mask(
     for name, v in (("B", B), ("H", H)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be None or a positive integer, got {v!r}")
-    return _cached_block_mask(spec, q_len, kv_len, bs, B, H, _device_key(device))
+    return _cached_block_mask(spec, q_len, kv_len, bs, B, H, _device_key(device), _mask_impl(mask_impl))
 
 
 def gna_params_of(mask: Any) -> Optional[tuple[GNAParams, Optional[tuple[int, ...]], int]]:
@@ -736,6 +885,7 @@ def flex_na(
     block_size=None,
     kernel_options: Optional[dict] = None,
     compile: Optional[bool] = None,
+    mask_impl: Optional[str] = None,
 ):
     """Neighborhood attention through FlexAttention in tile-major order.
 
@@ -757,6 +907,8 @@ def flex_na(
             on CUDA; pass ``{}`` for torch's heuristics).
         compile: use the compiled flex_attention (default: on CUDA only; eager
             flex on CPU evaluates the whole score matrix, fine for small tests).
+        mask_impl: mask_mod implementation, ``"tables"`` or ``"arith"``
+            (:func:`mask_mod`); ``None`` for :data:`DEFAULT_MASK_IMPL`.
 
     Returns:
         ``out [B, *grid, heads, Dv]`` (and ``lse`` if asked). Autograd works
@@ -782,7 +934,7 @@ def flex_na(
         kt[:, :, sg : sg + extra] = additional_keys.movedim(2, 1)
         vt[:, :, sg : sg + extra] = additional_values.movedim(2, 1)
     bm = block_mask(params, None, tile=tile, extra_tokens=extra, block_size=(bq, bk), device=query.device,
-                    q_len=sg, kv_len=kv_len)
+                    q_len=sg, kv_len=kv_len, mask_impl=mask_impl)
     if compile is None:
         compile = query.device.type == "cuda"
     if kernel_options is None:

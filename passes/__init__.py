@@ -3,7 +3,9 @@
 The ``gna`` torch.compile backend (:mod:`gna_flex.backend`) runs
 :func:`gna_pass` on the Dynamo graph: it finds attention calls
 (:mod:`.match`), decides with the simulator whether GNA pays off
-(:mod:`.decide`), rewrites them to the gna_flex op (:mod:`.rewrite`) and
+(:mod:`.decide`), rewrites them to the gna_flex op (:mod:`.rewrite`; for
+tile-major flex masks it first tries to fold the caller's permutation chains,
+:mod:`.fold`) and
 records what it did for :func:`explain` (:mod:`.explain`).
 """
 

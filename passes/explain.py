@@ -36,6 +36,9 @@ class ExplainRow:
         path: the simulator path of the prediction (``"kernel"`` / ``"flex"``), or ``""``.
         rewritten: whether the call now runs GNA.
         reason: why (or why not).
+        permutation_folded: flex calls with a tile-major mask: whether the caller's
+            tile-major permutation chains were folded into the op (True) or the
+            op reorders by copies (False; ``reason`` says why). None otherwise.
     """
 
     graph: int
@@ -49,6 +52,7 @@ class ExplainRow:
     path: str
     rewritten: bool
     reason: str
+    permutation_folded: Optional[bool] = None
 
     def asdict(self) -> dict[str, Any]:
         return asdict(self)

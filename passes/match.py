@@ -75,12 +75,15 @@ _LOCAL = re.compile(r"^L\[['\"][^'\"]*['\"]\]")
 
 def normalize_module_path(raw: str) -> str:
     """Dynamo's module path (``"L['self'].blocks.0.attn"``, ``"L['self'].blocks[0]"``,
-    ``"L['self']._modules['blocks']._modules['0']"``) -> ``"blocks.0.attn"``."""
+    ``"L['self']._modules['blocks']._modules['0']"``,
+    ``"L['self'].__dict__['_modules']['blocks'][0]"``) -> ``"blocks.0.attn"``."""
     s = _LOCAL.sub("", raw)
     s = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", s)
     s = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", s)
     s = re.sub(r"\[(\d+)\]", r".\1", s)
-    return s.lstrip(".")
+    # Dynamo may reach submodules through the module's own storage
+    # ("__dict__['_modules']['blocks']"): those hops are not part of the path.
+    return ".".join(part for part in s.split(".") if part and part not in ("__dict__", "_modules"))
 
 
 def module_path(node: fx.Node) -> tuple[str, str]:

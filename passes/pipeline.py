@@ -8,6 +8,7 @@ from torch import fx
 
 from .decide import decide_sdpa
 from .explain import ExplainRow
+from .fold import apply_fold, plan_fold
 from .match import AttentionCall, find_attention
 from .rewrite import flex_rewrite_blocker, rewrite_flex, rewrite_sdpa
 from .rule import Rule
@@ -15,11 +16,12 @@ from .rule import Rule
 __all__ = ["gna_pass"]
 
 
-def _row(call: AttentionCall, rewritten: bool, reason: str, rule: str = "", speedup=None, path=None) -> ExplainRow:
+def _row(call: AttentionCall, rewritten: bool, reason: str, rule: str = "", speedup=None, path=None,
+         folded=None) -> ExplainRow:
     dtype = str(call.dtype).removeprefix("torch.") if call.dtype is not None else ""
     return ExplainRow(graph=0, module=call.module, module_type=call.module_type, kind=call.kind, shapes=call.shapes,
                       dtype=dtype, rule=rule, predicted_speedup=speedup, path=path or "", rewritten=rewritten,
-                      reason=reason)
+                      reason=reason, permutation_folded=folded)
 
 
 def gna_pass(gm: fx.GraphModule, example_inputs: Sequence[Any], rules: Sequence[Rule]) -> list[ExplainRow]:
@@ -30,9 +32,12 @@ def gna_pass(gm: fx.GraphModule, example_inputs: Sequence[Any], rules: Sequence[
     * flex_attention calls whose block mask came from ``gna_flex.block_mask``:
       rewritten to the gna_flex op, no rule needed; the mask already says it
       is GNA and the op computes the same function. Raster-order masks are
-      read through views; tile-major ones are reordered to the native layout
-      and back by copies inside the op (folding the caller's own permutation
-      chain is not done yet).
+      read through views. For tile-major masks the caller's own permutation
+      chains are folded when they are exactly the tile-major order of native
+      tensors and its inverse (:mod:`gna_flex.passes.fold` lists the chains):
+      the op reads and writes the native tensors and the chains die. Otherwise
+      the op reorders to the native layout and back by copies, and the row
+      says why the chain was not folded (``permutation_folded=False``).
     """
     rows = []
     changed = False
@@ -55,11 +60,21 @@ def gna_pass(gm: fx.GraphModule, example_inputs: Sequence[Any], rules: Sequence[
         if blocker is not None:
             rows.append(_row(call, False, blocker, rule))
             continue
-        rewrite_flex(gm.graph, call)
         changed = True
-        how = ("raster order, read through views" if tile is None
-               else f"tile-major order (tile {tile}), reordered by copies")
-        rows.append(_row(call, True, f"block mask from gna_flex.block_mask; {how}", rule))
+        if tile is None:
+            rewrite_flex(gm.graph, call)
+            rows.append(_row(call, True, "block mask from gna_flex.block_mask; raster order, read through views",
+                             rule))
+            continue
+        plan = plan_fold(call, params, tile) if extra == 0 else "the mask has extra tokens"
+        if isinstance(plan, str):
+            rewrite_flex(gm.graph, call)
+            rows.append(_row(call, True, f"block mask from gna_flex.block_mask; tile-major order (tile {tile}), "
+                             f"reordered by copies; permutation chain not folded: {plan}", rule, folded=False))
+            continue
+        apply_fold(gm.graph, call, params, plan, call.args["scale"])
+        rows.append(_row(call, True, f"block mask from gna_flex.block_mask; tile-major order (tile {tile}), "
+                         "permutation folded: the op reads and writes the native tensors", rule, folded=True))
     if changed:
         gm.graph.lint()
         gm.recompile()

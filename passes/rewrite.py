@@ -12,8 +12,9 @@ The output is written tokens-major (``[B, S, heads, Dv]`` memory), so the
 ``transpose(1, 2).reshape(B, S, heads * Dv)`` that models apply next is free.
 
 Sequences in the tile-major order of a tile-major ``gna_flex.block_mask`` are
-reordered to the native layout and back inside the op (copies); folding the
-caller's own permutation chain away is not implemented.
+reordered to the native layout and back inside the op (copies), unless the
+caller's own permutation chains are folded first (:mod:`.fold`): the op is
+then called in raster order on views of the caller's native tensors.
 
 Backward recomputes the forward under autograd inside
 ``gna_flex::rewritten_attention_backward`` (one extra forward per step).

@@ -260,6 +260,68 @@ def test_flex_tile_major_block_mask_is_rewritten():
     assert len(rows) == 1 and rows[0].rewritten and "tile-major" in rows[0].reason
 
 
+class TileMajorFlexBlock(torch.nn.Module):
+    """Native ``[B, *grid, heads, D]`` q/k/v, permuted tile-major by the model itself around flex_attention."""
+
+    def __init__(self, grid, tile, heads=2, head_dim=8):
+        super().__init__()
+        from gna_flex import layout
+
+        self.grid, self.tile = grid, tile
+        self.layout = layout.make_tile_layout(grid, tile)
+        self.proj = torch.nn.Linear(heads * head_dim, 16)
+
+    def forward(self, q, k, v, block_mask):
+        from gna_flex import layout
+
+        qt, kt, vt = (layout.permute(t, self.grid, self.tile)[0].transpose(1, 2) for t in (q, k, v))
+        out = flex_attention(qt, kt, vt, block_mask=block_mask).transpose(1, 2)
+        out = layout.unpermute(out, self.layout, flat=True)  # [B, N, heads, D]
+        return self.proj(out.flatten(2))
+
+
+@pytest.mark.parametrize("inner", ["inductor", "aot_eager"])
+def test_flex_tile_major_permutation_chains_are_folded(inner, monkeypatch):
+    import sys
+
+    from gna_flex.passes.fold import _kind
+
+    backend_module = sys.modules["gna_flex.backend"]  # the package's `backend` attribute is the function
+
+    graphs = []
+
+    def capturing_pass(gm, example_inputs, rules):
+        rows = backend_module_pass(gm, example_inputs, rules)
+        graphs.append(gm)
+        return rows
+
+    backend_module_pass = backend_module.gna_pass
+    monkeypatch.setattr(backend_module, "gna_pass", capturing_pass)
+    grid, tile = (4, 6, 8), (2, 3, 4)
+    bm = flex.block_mask(grid, (2, 3, 4), (1, 2, 2), tile=tile)
+    model = TileMajorFlexBlock(grid, tile)
+    compiled = torch.compile(model, backend=gna_backend, options={"inner": inner})
+    for _ in range(3):
+        q, k, v = (torch.randn(2, *grid, 2, 8) for _ in range(3))
+        with torch.no_grad():
+            out = compiled(q, k, v, bm)
+            expected = model(q, k, v, bm)
+        torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    # (eager flex_attention compiles internally, so count the gna pass runs rather than dynamo graphs)
+    assert sum(counters["recompiles"].values()) == 0
+    rows = explain(compiled)
+    assert len(rows) == 1 and rows[0].rewritten and rows[0].permutation_folded is True, rows[0].reason
+    (gm,) = graphs
+    targets = [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    assert targets.count(torch.ops.gna_flex.rewritten_attention.default) == 1
+    assert torch.ops.higher_order.flex_attention not in targets
+    # 3 inputs x (reshape, permute, reshape, transpose) and the output's transpose, reshape, permute,
+    # reshape, flatten: all gone; left are one permute + flatten per input and the output's unflatten +
+    # permute + reshape (views of the native tensors).
+    moves = [n for n in gm.graph.nodes if _kind(n) in ("reshape", "permute")]
+    assert len(moves) == 3 * 2 + 3, [n.format_node() for n in moves]
+
+
 def test_flex_with_foreign_block_mask_is_untouched():
     from torch.nn.attention.flex_attention import create_block_mask
 

@@ -135,20 +135,102 @@ def test_benchmark_configs_are_perfectly_block_sparse(grid, ks, stride, tile):
     assert tiles == math.prod(grid) // 128
 
 
+@pytest.mark.parametrize("impl", flex.MASK_IMPLS)
 @given(gna_configs(max_len=9), st.data())
-def test_mask_mod_equals_reference(cfg, data):
+def test_mask_mod_equals_reference(impl, cfg, data):
     params = make_params(*cfg)
     tile, extra, _ = data.draw(orders(params))
-    mm = flex.mask_mod(params, None, tile=tile, extra_tokens=extra)
+    mm = flex.mask_mod(params, None, tile=tile, extra_tokens=extra, mask_impl=impl)
     want = order_mask(params, tile, extra, kv_len=None)
     n = want.shape[0]
     z = torch.zeros((), dtype=torch.long)
-    got = mm(z, z, torch.arange(n)[:, None], torch.arange(n + 3)[None, :])
-    assert torch.equal(got[:, :n], want)
+    dt = data.draw(st.sampled_from([torch.int32, torch.int64]))  # flex's kernels pass int32 indices
+    got = mm(z, z, torch.arange(n + 2, dtype=dt)[:, None], torch.arange(n + 3, dtype=dt)[None, :])
+    assert got.dtype == torch.bool
+    assert torch.equal(got[:n, :n], want)
     assert not got[:, n:].any()  # tokens past the valid ones are nobody's neighbour
+    assert not got[n:].any()  # ... and see nothing
 
 
-def test_masks_are_cached_and_marked():
+@settings(max_examples=15)
+@given(gna_configs(max_len=9), st.data())
+def test_mask_mods_under_vmap_match_reference(cfg, data):
+    """create_block_mask evaluates a mask_mod under vmap, one scalar pair at a time."""
+    params = make_params(*cfg)
+    tile, extra, block = data.draw(orders(params))
+    n = flex.mask_spec(params, None, tile=tile, extra_tokens=extra).valid_tokens
+    bq = block if isinstance(block, int) else block[0]
+    dense = [create_block_mask(flex.mask_mod(params, None, tile=tile, extra_tokens=extra, mask_impl=impl),
+                               None, None, n + 1, n + 2, device="cpu", BLOCK_SIZE=bq).to_dense()
+             for impl in flex.MASK_IMPLS]
+    want, _ = block_reduce(order_mask(params, tile, extra, n + 1, n + 2), bq, bq)
+    for d in dense:
+        assert torch.equal(d[0, 0].bool(), want)
+
+
+@pytest.mark.parametrize(
+    "grid, ks, st_, di, ca, tile, extra",
+    [
+        ((30, 48, 80), (18, 24, 24), 1, 1, False, (2, 8, 8), 0),
+        ((11, 13, 17), (3, 4, 5), (1, 2, 3), (3, 2, 1), (True, False, True), (2, 4, 8), 7),
+        ((37, 29), (5, 6), (2, 6), (3, 4), (False, True), None, 3),
+    ],
+)
+def test_table_mask_equals_arith_mask_on_larger_grids(grid, ks, st_, di, ca, tile, extra):
+    """Both implementations on many (query, key) pairs of larger grids (random rows, all keys)."""
+    params = make_params(grid, ks, st_, di, ca)
+    spec = flex.mask_spec(params, None, tile=tile, extra_tokens=extra)
+    tables, arith = (flex.mask_mod(params, None, tile=tile, extra_tokens=extra, mask_impl=impl)
+                     for impl in ("tables", "arith"))
+    rows = torch.randint(0, spec.valid_tokens + 5, (256,), dtype=torch.int32)
+    keys = torch.arange(spec.valid_tokens + 5, dtype=torch.int32)
+    z = torch.zeros((), dtype=torch.int32)
+    got = tables(z, z, rows[:, None], keys[None, :])
+    assert got.any()
+    assert torch.equal(got, arith(z, z, rows[:, None], keys[None, :]))
+
+
+def test_table_mask_tables():
+    """Shapes (fixed by grid, order and extra tokens only), dtype and the sentinel entries."""
+    grid, tile, extra = (6, 7), (4, 4), 3
+    spec = flex.mask_spec(grid, (3, 3), tile=tile, extra_tokens=extra)
+    total = spec.valid_tokens
+    for cfg in [((3, 3), 1, 1, False), ((2, 3), (2, 3), (3, 2), (True, False))]:
+        q_table, k_table = flex._window_tables(flex.mask_spec(grid, *cfg, tile=tile, extra_tokens=extra),
+                                               torch.device("cpu"))
+        assert q_table.shape == (2 * 2 + 1, total + 1) and k_table.shape == (2 + 1, total + 1)
+        assert q_table.dtype == k_table.dtype == torch.int32
+        assert (q_table[:4, total] == 0).all() and (k_table[:2, total] == -1).all()  # sentinel: invalid
+
+
+def test_mask_impl_argument():
+    p = make_params((6, 7), (3, 3), (2, 1))
+    assert flex.DEFAULT_MASK_IMPL in flex.MASK_IMPLS
+    a = flex.mask_mod(p, None, mask_impl="tables")
+    b = flex.mask_mod(p, None, mask_impl="arith")
+    assert a is not b and a is flex.mask_mod(p, None, mask_impl="tables")
+    assert flex.mask_mod(p, None) is flex.mask_mod(p, None, mask_impl=flex.DEFAULT_MASK_IMPL)
+    with pytest.raises(ValueError, match="mask_impl"):
+        flex.mask_mod(p, None, mask_impl="fast")
+    with pytest.raises(ValueError, match="mask_impl"):
+        flex.block_mask(p, None, mask_impl="fast")
+
+
+@pytest.mark.parametrize("tile, extra", [(None, 0), ((2, 4), 2)])
+def test_block_mask_tensors_do_not_depend_on_mask_impl(tile, extra):
+    p = make_params((6, 7), (3, 4), (2, 1), (1, 1), (False, True))
+    masks = [flex.block_mask(p, None, tile=tile, extra_tokens=extra, block_size=8, mask_impl=impl)
+             for impl in flex.MASK_IMPLS]
+    assert masks[0] is not masks[1]
+    assert torch.equal(masks[0].to_dense(), masks[1].to_dense())
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(masks[0], name), getattr(masks[1], name))
+    check_block_mask(p, tile, extra, 8)
+
+
+@pytest.mark.parametrize("impl", flex.MASK_IMPLS)
+def test_masks_are_cached_and_marked(impl, monkeypatch):
+    monkeypatch.setattr(flex, "DEFAULT_MASK_IMPL", impl)
     p = make_params((6, 7), (3, 3), (2, 1))
     a = flex.block_mask(p, None, tile=(2, 4), extra_tokens=2, block_size=8)
     b = flex.block_mask((6, 7), (3, 3), (2, 1), tile=(2, 4), extra_tokens=2, block_size=8)
@@ -215,17 +297,19 @@ CONFIGS = [
     ((3, 3), (3, 3), (2, 2), (True, False)),
     ((5, 2), (1, 2), 1, (False, True)),
     ((2, 8), (2, 8), 1, True),
+    ((2, 2), (1, 2), (3, 2), (False, True)),  # a second dilation > 1: only table values change
 ]
 
 
-def _run_configs(backend, grid=(6, 8), tile=(2, 4), block=16):
+def _run_configs(backend, grid=(6, 8), tile=(2, 4), block=16, impl=None):
     torch._dynamo.reset()
     counter = CompileCounterWithBackend(backend)
     fn = torch.compile(flex_attention, backend=counter, dynamic=False, fullgraph=True)
-    lay = layout.make_tile_layout(grid, tile)
+    # raster order is the tile-major order with one row per tile
+    lay = layout.make_tile_layout(grid, tile if tile is not None else (1,) * (len(grid) - 1) + grid[-1:])
     q, k, v = (torch.randn(1, 2, lay.num_tokens, 16) for _ in range(3))
     for ks, st_, di, ca in CONFIGS:
-        bm = flex.block_mask(grid, ks, st_, di, ca, tile=tile, block_size=block)
+        bm = flex.block_mask(grid, ks, st_, di, ca, tile=tile, block_size=block, mask_impl=impl)
         out = fn(q, k, v, block_mask=bm)
         qn, kn, vn = (layout.unpermute(t, lay, heads_last=False).movedim(1, -2) for t in (q, k, v))
         ref = reference.na(qn, kn, vn, ks, st_, di, ca)
@@ -234,8 +318,13 @@ def _run_configs(backend, grid=(6, 8), tile=(2, 4), block=16):
     return counter.frame_count
 
 
-def test_no_recompile_across_configs():
-    assert _run_configs("eager") == 1
+@pytest.mark.parametrize("impl", flex.MASK_IMPLS)
+def test_no_recompile_across_configs(impl):
+    assert _run_configs("eager", impl=impl) == 1
+
+
+def test_no_recompile_raster_order_tables():
+    assert _run_configs("eager", tile=None, impl="tables") == 1
 
 
 def test_recompile_counter_sees_constant_closures():
@@ -256,8 +345,9 @@ def test_recompile_counter_sees_constant_closures():
 
 
 @pytest.mark.slow
-def test_no_recompile_inductor_cpu():
-    assert _run_configs("inductor") == 1
+@pytest.mark.parametrize("impl", flex.MASK_IMPLS)
+def test_no_recompile_inductor_cpu(impl):
+    assert _run_configs("inductor", impl=impl) == 1
 
 
 # --- the flex path ------------------------------------------------------------------------------
@@ -279,8 +369,9 @@ def test_flex_na_equals_reference(cfg, data):
     ak = torch.randn(b, extra, heads_kv, d) if extra else None
     av = torch.randn(b, extra, heads_kv, dv) if extra else None
     scale = data.draw(st.sampled_from([None, 0.3]))
+    impl = data.draw(st.sampled_from(flex.MASK_IMPLS))
     out, lse = flex.flex_na(q, k, v, params, scale=scale, additional_keys=ak, additional_values=av, return_lse=True,
-                            tile=tile, block_size=block)
+                            tile=tile, block_size=block, mask_impl=impl)
     ref, ref_lse = reference.na(q, k, v, params.kernel_size, params.stride, params.dilation, params.is_causal,
                                 scale=scale, additional_keys=ak, additional_values=av, return_lse=True)
     assert out.shape == ref.shape and lse.shape == ref_lse.shape and lse.dtype == torch.float32

@@ -9,7 +9,6 @@ from gna_flex.spec import make_params
 def test_flex_backward_op_matches_reference_gradients(extra):
     # The kernel op's backward runs this op; inside a custom op autograd is off
     # unless the implementation turns it back on (ops.eager_dispatch).
-    params = make_params((5, 6), (3, 4), (2, 2), (1, 1), (False, True))
     q = torch.randn(1, 5, 6, 4, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(1, 5, 6, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     ek = torch.randn(1, extra, 2, 8, dtype=torch.float64, requires_grad=True) if extra else None

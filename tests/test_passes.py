@@ -69,6 +69,7 @@ def test_rule_rejects_bad_fields(kwargs, exc, words):
         ("L['self']._modules['blocks']._modules['3']._modules['attn']", "blocks.3.attn"),
         ("L['s'].attn", "attn"),
         ("L['self']", ""),
+        ("L['self'].__dict__['_modules']['transformer_blocks'][0].attn", "transformer_blocks.0.attn"),
     ],
 )
 def test_normalize_module_path(raw, path):
@@ -296,3 +297,293 @@ def test_explanation_prints_a_table():
     assert rows.num_rewritten == 1
     assert math.isclose(rows[0].asdict()["predicted_speedup"], 2.5)
     assert "no attention calls" in str(Explanation())
+
+
+# --------------------------------------------------------------------------- folding tile-major permutation chains
+
+
+def _flex_fn(prep, post, bm, gqa=False):
+    """flex_attention under ``bm`` on ``prep``-ed q, k, v, its output through ``post``."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def fn(q, k, v):
+        out = flex_attention(prep(q), prep(k), prep(v), block_mask=bm, enable_gqa=gqa)
+        return post(out)
+
+    return fn
+
+
+def _fold_case(fn, *args):
+    """Run the gna pass on fn's Dynamo graph: (rows, nodes before, graph after, outputs, expected outputs)."""
+    from gna_flex.passes import gna_pass
+
+    gm, example_inputs = _dynamo_graph(fn, *args)
+    before = {n.name: n for n in gm.graph.nodes}
+    rows = gna_pass(gm, example_inputs, [])
+    with torch.no_grad():
+        out = gm(*example_inputs)
+        expected = fn(*args)
+    as_tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x,)  # noqa: E731
+    return rows, before, gm, as_tuple(out), as_tuple(expected)
+
+
+def _assert_same(outs, expecteds):
+    assert len(outs) == len(expecteds)
+    for out, expected in zip(outs, expecteds):
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+def _moves(nodes):
+    """Names of the data-movement nodes (reshape/permute/pad/slice family) among ``nodes``."""
+    import operator
+
+    from gna_flex.passes.fold import _kind
+
+    return {n.name for n in nodes
+            if _kind(n) is not None and not (n.target is operator.getitem and isinstance(n.args[1], int))}
+
+
+def _assert_folded(rows, before, gm, out, expected, max_new_moves):
+    assert len(rows) == 1 and rows[0].rewritten and rows[0].permutation_folded is True, rows[0].reason
+    assert "permutation folded" in rows[0].reason
+    targets = _targets(gm)
+    assert targets.count(torch.ops.gna_flex.rewritten_attention.default) == 1
+    assert torch.ops.higher_order.flex_attention not in targets
+    # Every permute / reshape / pad / slice of the caller's chains is gone; what is left are the
+    # few views that feed the op the native tensors and shape its output.
+    old_moves = _moves(before.values())
+    after = {n.name for n in gm.graph.nodes}
+    assert old_moves and not (old_moves & after)
+    assert not any(t in (torch._C._nn.pad, F.pad) for t in targets)
+    assert len(_moves(gm.graph.nodes)) <= max_new_moves
+    _assert_same(out, expected)
+
+
+def _assert_not_folded(rows, out, expected, words):
+    assert len(rows) == 1 and rows[0].rewritten and rows[0].permutation_folded is False
+    assert "reordered by copies" in rows[0].reason and "not folded" in rows[0].reason
+    for w in words:
+        assert w in rows[0].reason, rows[0].reason
+    _assert_same(out, expected)
+
+
+@pytest.mark.parametrize("grid, tile", [((4, 6), (2, 3)), ((4, 6, 8), (2, 3, 4)), ((12,), (4,))])
+def test_fold_layout_permute_heads_first(grid, tile):
+    from gna_flex import flex, layout
+
+    bm = flex.block_mask(grid, 2 if len(grid) > 1 else 3, 1, tile=tile)
+    lay = layout.make_tile_layout(grid, tile)
+    fn = _flex_fn(lambda x: layout.permute(x, grid, tile, heads_last=False)[0],
+                  lambda o: layout.unpermute(o, lay, heads_last=False), bm)
+    q, k, v = (torch.randn(2, 3, *grid, 8) for _ in range(3))
+    _assert_folded(*_fold_case(fn, q, k, v), max_new_moves=4)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_fold_layout_permute_heads_last_and_flat(flat):
+    # [B, *grid, heads, D] (or [B, N, heads, D]) -> layout.permute -> transpose(1, 2) for flex;
+    # the output goes back through transpose(1, 2) and layout.unpermute.
+    from gna_flex import flex, layout
+
+    grid, tile = (4, 6, 8), (2, 3, 4)
+    bm = flex.block_mask(grid, (2, 3, 4), (1, 2, 2), tile=tile)
+    lay = layout.make_tile_layout(grid, tile)
+    fn = _flex_fn(lambda x: layout.permute(x, grid, tile, heads_last=True)[0].transpose(1, 2),
+                  lambda o: layout.unpermute(o.transpose(1, 2), lay, heads_last=True, flat=flat), bm)
+    shape = (2, 192, 3, 8) if flat else (2, *grid, 3, 8)
+    q, k, v = (torch.randn(*shape) for _ in range(3))
+    _assert_folded(*_fold_case(fn, q, k, v), max_new_moves=8)
+
+
+def test_fold_own_pad_chain_on_padded_grid_with_gqa():
+    # The user's own chain: F.pad of the grid axes to whole tiles -> view -> permute -> reshape,
+    # and back: reshape -> permute -> reshape -> slice off the padding -> [B, N, heads * D].
+    from gna_flex import flex
+
+    grid, tile = (5, 7), (2, 4)
+    bm = flex.block_mask(grid, (3, 3), (1, 2), tile=tile)
+
+    def prep(x):  # [B, H, 5, 7, D]
+        b, h, _, _, d = x.shape
+        x = F.pad(x, (0, 0, 0, 1, 0, 1))
+        return x.view(b, h, 3, 2, 2, 4, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, -1, d)
+
+    def post(o):  # [B, H, 48, D]
+        b, h, _, d = o.shape
+        o = o.reshape(b, h, 3, 2, 2, 4, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, 6, 8, d)
+        return o[:, :, :5, :7].flatten(2, 3).transpose(1, 2).reshape(b, 35, h * d)
+
+    q = torch.randn(2, 4, *grid, 8)
+    k, v = torch.randn(2, 2, *grid, 8), torch.randn(2, 2, *grid, 8)
+    _assert_folded(*_fold_case(_flex_fn(prep, post, bm, gqa=True), q, k, v), max_new_moves=6)
+
+
+def test_fold_one_chain_shared_by_query_key_and_value():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from gna_flex import flex, layout
+
+    grid, tile = (6, 8), (3, 4)
+    bm = flex.block_mask(grid, (3, 5), (1, 2), tile=tile)
+    lay = layout.make_tile_layout(grid, tile)
+
+    def fn(x):  # x: [B, *grid, heads, D]
+        t = layout.permute(x * 0.5, grid, tile)[0].transpose(1, 2)
+        return layout.unpermute(flex_attention(t, t, t, block_mask=bm).transpose(1, 2), lay)
+
+    _assert_folded(*_fold_case(fn, torch.randn(2, *grid, 2, 8)), max_new_moves=4)
+
+
+def _own_chains(grid, tile):
+    """A user's hand-written tile-major chain for [B, H, *grid, D]: zero pad, split, permute, merge; and back."""
+    from gna_flex import layout
+
+    lay = layout.make_tile_layout(grid, tile)
+    n = len(grid)
+
+    def prep(x):
+        b, h, d = x.shape[0], x.shape[1], x.shape[-1]
+        pads = [p for a in reversed(range(n)) for p in (0, lay.padded_grid[a] - grid[a])]
+        if any(pads):
+            x = F.pad(x, [0, 0] + pads)
+        x = x.reshape(b, h, *[v for a in range(n) for v in (lay.tiles[a], lay.tile[a])], d)
+        order = [0, 1] + [2 + 2 * a for a in range(n)] + [3 + 2 * a for a in range(n)] + [2 + 2 * n]
+        return x.permute(order).reshape(b, h, lay.num_tokens, d)
+
+    def post(o):
+        b, h, _, d = o.shape
+        o = o.reshape(b, h, *lay.tiles, *lay.tile, d)
+        order = [0, 1] + [k for a in range(n) for k in (2 + a, 2 + n + a)] + [2 + 2 * n]
+        o = o.permute(order).reshape(b, h, *lay.padded_grid, d)
+        return o[(slice(None), slice(None)) + tuple(slice(0, g) for g in grid)]
+
+    return prep, post
+
+
+@pytest.mark.parametrize(
+    "grid, kernel, stride, dilation, causal, tile",
+    [
+        ((9,), 4, 3, 2, True, (4,)),
+        ((7, 5), (3, 2), (2, 2), (2, 1), (False, True), (3, 4)),
+        ((5, 8), (5, 4), (5, 1), 1, False, (7, 2)),  # a tile longer than its axis
+        ((3, 7, 6), (2, 3, 3), (1, 3, 2), (1, 2, 1), (True, False, False), (2, 4, 4)),
+        ((4, 6, 5), (3, 4, 2), (3, 1, 2), (1, 1, 2), False, (1, 2, 5)),
+    ],
+)
+def test_fold_own_chains_sweep(grid, kernel, stride, dilation, causal, tile):
+    from gna_flex import flex
+
+    bm = flex.block_mask(grid, kernel, stride, dilation, causal, tile=tile)
+    prep, post = _own_chains(grid, tile)
+    q, k, v = (torch.randn(2, 2, *grid, 8) for _ in range(3))
+    _assert_folded(*_fold_case(_flex_fn(prep, post, bm), q, k, v), max_new_moves=4)
+
+
+def test_fold_heads_last_source_with_one_permute():
+    # [B, *grid, heads, D] -> pad -> view into tile factors -> one permute that also moves the heads
+    # -> [B, heads, S, D]; back: reshape -> permute -> reshape -> slice -> [B, *grid, heads, D].
+    from gna_flex import flex
+
+    grid, tile = (5, 6), (2, 4)
+    bm = flex.block_mask(grid, (3, 4), (2, 1), tile=tile)
+
+    def prep(x):
+        x = F.pad(x, (0, 0, 0, 0, 0, 2, 0, 1))  # [2, 6, 8, 3, 8]
+        return x.view(2, 3, 2, 2, 4, 3, 8).permute(0, 5, 1, 3, 2, 4, 6).reshape(2, 3, 48, 8)
+
+    def post(o):
+        o = o.reshape(2, 3, 3, 2, 2, 4, 8).permute(0, 2, 4, 3, 5, 1, 6).reshape(2, 6, 8, 3, 8)
+        return o[:, :5, :6]
+
+    q, k, v = (torch.randn(2, *grid, 3, 8) for _ in range(3))
+    _assert_folded(*_fold_case(_flex_fn(prep, post, bm), q, k, v), max_new_moves=8)
+
+
+def test_fold_layout_permute_on_padded_grid_is_not_folded():
+    # layout.permute pads through new_zeros + copy_ regions: not a view chain.
+    from gna_flex import flex, layout
+
+    grid, tile = (5, 7), (2, 4)
+    bm = flex.block_mask(grid, (3, 3), 1, tile=tile)
+    lay = layout.make_tile_layout(grid, tile)
+    fn = _flex_fn(lambda x: layout.permute(x, grid, tile, heads_last=False)[0],
+                  lambda o: layout.unpermute(o, lay, heads_last=False), bm)
+    q, k, v = (torch.randn(2, 2, *grid, 8) for _ in range(3))
+    rows, _, _, out, expected = _fold_case(fn, q, k, v)
+    _assert_not_folded(rows, out, expected, ["query"])
+
+
+def _wrong_tile(x):
+    b, h, _, _, d = x.shape  # tiles of 3x2 where the mask has 2x3
+    return x.reshape(b, h, 2, 2, 3, 2, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, 24, d)
+
+
+def _right_tile(x):
+    b, h, _, _, d = x.shape
+    return x.reshape(b, h, 2, 2, 2, 3, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, 24, d)
+
+
+def _back(o):
+    b, h, _, d = o.shape
+    return o.reshape(b, h, 2, 2, 2, 3, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, 4, 6, d)
+
+
+@pytest.mark.parametrize(
+    "prep, post, words",
+    [
+        (_wrong_tile, _back, ["query", "not the tile-major order"]),
+        (lambda x: _right_tile(x) * 1.0, _back, ["query", "not the tile-major order"]),
+        (_right_tile, lambda o: (_back(o), o), ["output", "users"]),
+        (_right_tile, lambda o: o + 1, ["output", "not brought back"]),
+        (_right_tile, lambda o: o.reshape(2, 2, 2, 2, 2, 3, 8).permute(0, 1, 3, 2, 4, 5, 6).reshape(2, 2, 4, 6, 8),
+         ["output"]),
+    ],
+)
+def test_fold_leaves_other_chains_to_the_copy_path(prep, post, words):
+    from gna_flex import flex
+
+    bm = flex.block_mask((4, 6), 2, 1, tile=(2, 3))
+    fn = _flex_fn(prep, post, bm)
+    q, k, v = (torch.randn(2, 2, 4, 6, 8) for _ in range(3))
+    rows, _, gm, out, expected = _fold_case(fn, q, k, v)
+    _assert_not_folded(rows, out, expected, words)
+    assert torch.ops.gna_flex.rewritten_attention.default in _targets(gm)
+
+
+def test_fold_needs_a_zero_pad():
+    from gna_flex import flex
+
+    grid, tile = (5, 7), (2, 4)
+    bm = flex.block_mask(grid, 3, 1, tile=tile)
+
+    def prep(x):
+        x = F.pad(x, (0, 0, 0, 1, 0, 1), value=1.0)
+        return x.reshape(2, 2, 3, 2, 2, 4, 8).permute(0, 1, 2, 4, 3, 5, 6).reshape(2, 2, 48, 8)
+
+    def post(o):
+        return o.reshape(2, 2, 3, 2, 2, 4, 8).permute(0, 1, 2, 4, 3, 5, 6).reshape(2, 2, 6, 8, 8)[:, :, :5, :7]
+
+    q, k, v = (torch.randn(2, 2, *grid, 8) for _ in range(3))
+    rows, _, _, out, expected = _fold_case(_flex_fn(prep, post, bm), q, k, v)
+    _assert_not_folded(rows, out, expected, ["query", "not a constant zero pad"])
+
+
+def test_fold_not_tried_with_extra_tokens():
+    from gna_flex import flex, layout
+
+    grid, tile = (4, 6), (2, 3)
+    bm = flex.block_mask(grid, 2, 1, tile=tile, extra_tokens=4)
+
+    def prep(x):
+        t, _ = layout.permute(x[:, :, :24].unflatten(2, grid), grid, tile, heads_last=False)
+        return torch.cat([t, x[:, :, 24:]], dim=2)
+
+    fn = _flex_fn(prep, lambda o: o, bm)
+    q, k, v = (torch.randn(2, 2, 28, 8) for _ in range(3))
+    rows, _, _, out, expected = _fold_case(fn, q, k, v)
+    _assert_not_folded(rows, out, expected, ["extra tokens"])

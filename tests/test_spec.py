@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 
 from _oracle import axis_window as oracle_window
 from _oracle import coords, is_neighbor
