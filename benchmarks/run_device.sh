@@ -2,7 +2,8 @@
 # One GPU-machine call (repo root, carry .whl): build gna_flex._C for sm_90a, then in order of
 # priority the flex benchmark, the GPU tests and the simulator calibration, each under its own
 # time limit, skipping what would run past BUDGET seconds. Logs and result files go to $OUT.
-#   .whl/    nvidia-cutlass 4.2.0.0 and natten 0.21.7 wheels; .whl/kt/ pytest + hypothesis wheels
+#   .whl/    nvidia-cutlass 4.2.0.0, natten 0.21.7, diffusers 0.42.1 and importlib_metadata wheels
+#   .whl/kt/ pytest + hypothesis wheels (python3 -m pip download --no-deps --only-binary=:all: -d .whl ...)
 # Usage: GNA_FLEX_COMMIT=<hash> bash benchmarks/run_device.sh [steps...]   (default: flex tests calibrate)
 # GNA_FLEX_COMMIT: the commit of the tree being copied over. The device copy has no .git, so without it every
 # result file records commit "unknown" (benchmarks/common.py git_commit reads it). Compute it in the checkout
@@ -17,7 +18,7 @@ else echo "commit: GNA_FLEX_COMMIT not set: result files will record \"unknown\"
 # The source tree is used in place: map gna_flex.passes to passes/ as an install would.
 [ -e gna_flex/passes ] || ln -s ../passes gna_flex/passes
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-  .whl/kt/*.whl .whl/natten-*.whl || exit 1
+  --upgrade .whl/kt/*.whl .whl/natten-*.whl $(ls .whl/diffusers-*.whl .whl/importlib_metadata-*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import zipfile; z=zipfile.ZipFile('.whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl'); z.extractall('/tmp/cl', [n for n in z.namelist() if n.startswith('cutlass_library/source/include/')])" || exit 1
 export CUTLASS_INCLUDE=/tmp/cl/cutlass_library/source/include
@@ -35,11 +36,13 @@ steps=${*:-flex tests calibrate}
 for s in $steps; do
   case $s in
     flex) step bench_flex 330 python3 benchmarks/bench_flex.py --quick --out "$OUT/flex.json" ;;
+    flexab) step bench_flex_ab 330 python3 benchmarks/bench_flex.py --configs 3d-s1,2d-s1 --mask-impl tables,arith --out "$OUT/flex_ab.json" ;;
     flexall) step bench_flex_all 540 python3 benchmarks/bench_flex.py --out "$OUT/flex_all.json" ;;
     tests) step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernel.py tests/gpu/test_flex_gpu.py ;;
     backendtests) step backend_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_backend_gpu.py ;;
     calibrate) step calibrate_sim 200 python3 benchmarks/calibrate_sim.py --quick --out "$OUT/calibrate.json" ;;
     backend) step bench_backend 240 python3 benchmarks/bench_backend.py --out "$OUT/backend.json" ;;
+    diffusers) step bench_diffusers 540 python3 benchmarks/bench_diffusers.py --layer-scale 0.25 --out "$OUT/diffusers.json" ;;
     kernel) step bench_kernel 120 python3 benchmarks/bench_kernel.py --head-dim 128 --out "$OUT/kernel.json" ;;
     *) echo "unknown step $s" ;;
   esac
