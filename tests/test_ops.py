@@ -45,3 +45,28 @@ def test_kernel_op_has_fake_implementation():
                                                  [False, False], 0.125)
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32
+
+
+def test_kernel_path_traces_without_graph_breaks(monkeypatch):
+    # Pretend the kernel can run (CPU stand-in computes the reference) and check that
+    # dispatch + custom op compile into one graph with fullgraph=True.
+    import gna_flex
+    from gna_flex import cutlass
+
+    monkeypatch.setattr(cutlass, "_static_reason", lambda *args: None)
+
+    def fake_forward(query, key, value, params, *, scale, additional_keys=None, additional_values=None,
+                     return_lse=False, **_):
+        out, lse = reference.na(query, key, value, params.kernel_size, params.stride, params.dilation,
+                                params.is_causal, scale=scale, additional_keys=additional_keys,
+                                additional_values=additional_values, return_lse=True)
+        return out.to(query.dtype), lse
+
+    monkeypatch.setattr(cutlass, "forward", fake_forward)
+    q = torch.randn(1, 6, 7, 2, 16)
+
+    def f(q):
+        return gna_flex.na2d(q, q, q, (3, 3), (2, 1)) * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q), 2 * reference.na(q, q, q, (3, 3), (2, 1)), rtol=0, atol=1e-5)
