@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from gna_flex import flex  # noqa: E402
+from gna_flex.flex import attention as flex_attention_mod, block_masks, masks  # noqa: E402
 from gna_flex.layout import permute  # noqa: E402
 from gna_flex.spec import count_pairs, make_params  # noqa: E402
 
@@ -111,7 +112,7 @@ def parse_args(argv=None):
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms of GPU time per measurement)")
     ap.add_argument("--mask-impl", default=None,
                     help=f"comma-separated mask_mod implementations ({', '.join(flex.MASK_IMPLS)}); each config "
-                         f"runs once per implementation (default: flex.DEFAULT_MASK_IMPL)")
+                         f"runs once per implementation (default: masks.DEFAULT_MASK_IMPL)")
     return ap.parse_args(argv)
 
 
@@ -150,11 +151,11 @@ def mask_build_times(params, tile, block, device, q_len, kv_len) -> dict:
     def build():
         return flex.block_mask(params, None, tile=tile, block_size=block, device=device, q_len=q_len, kv_len=kv_len)
 
-    flex._cached_block_mask.cache_clear()
+    block_masks._cached_block_mask.cache_clear()
     cold, bm = common.wall_ms(build, device)
     warm = []
     for _ in range(3):
-        flex._cached_block_mask.cache_clear()
+        block_masks._cached_block_mask.cache_clear()
         warm.append(common.wall_ms(build, device)[0])
     cached = common.wall_ms(build, device)[0]
     return {"cold_ms": cold, "warm_ms": sorted(warm)[1], "cached_ms": cached,
@@ -235,7 +236,7 @@ def run_config(cfg: Config, opt_names: list[str], args, device, dtype, baselines
                 if not lay.is_padded:
                     opts["ROWS_GUARANTEED_SAFE"] = True
             try:
-                fn = flex._compiled_flex() if on_cuda else flex.flex_attention
+                fn = flex_attention_mod._compiled_flex() if on_cuda else flex_attention_mod.flex_attention
 
                 def kernel(fn=fn, qt=qt, kt=kt, vt=vt, bm=bm, opts=opts):
                     return fn(qt, kt, vt, block_mask=bm, kernel_options=opts)
@@ -310,15 +311,15 @@ def main(argv=None) -> dict:
     print(f"card: {env['card']}  torch {env['torch']}  commit {env['commit']}", flush=True)
     baselines: dict = {}
     entries = []
-    impls = args.mask_impl.split(",") if args.mask_impl else [flex.DEFAULT_MASK_IMPL]
+    impls = args.mask_impl.split(",") if args.mask_impl else [masks.DEFAULT_MASK_IMPL]
     if any(i not in flex.MASK_IMPLS for i in impls):
         raise SystemExit(f"unknown --mask-impl {impls}; choose from {list(flex.MASK_IMPLS)}")
-    default_impl = flex.DEFAULT_MASK_IMPL
+    default_impl = masks.DEFAULT_MASK_IMPL
     try:
         for cfg in configs:
             for impl in impls:
                 # The module default reaches every block_mask / mask_mod / flex_na call of run_config.
-                flex.DEFAULT_MASK_IMPL = impl
+                masks.DEFAULT_MASK_IMPL = impl
                 print(f"{cfg.name} [{impl} mask]: grid {cfg.grid} kernel {cfg.kernel_size} stride {cfg.stride}",
                       flush=True)
                 entry = run_config(cfg, opt_names, args, device, dtype, baselines)
@@ -329,7 +330,7 @@ def main(argv=None) -> dict:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     finally:
-        flex.DEFAULT_MASK_IMPL = default_impl
+        masks.DEFAULT_MASK_IMPL = default_impl
     payload = {
         "benchmark": "bench_flex", "env": env,
         "setup": {"dtype": str(dtype), "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,

@@ -5,7 +5,8 @@ The ``gna`` torch.compile backend (:mod:`gna_flex.backend`) runs
 (:mod:`.match`), decides with the simulator whether GNA pays off
 (:mod:`.decide`), rewrites them to the gna_flex op (:mod:`.rewrite`; for
 tile-major flex masks it first tries to fold the caller's permutation chains,
-:mod:`.fold`) and
+:mod:`.fold`; calls whose ``attn_mask`` pads extra tokens are read at run
+time by :mod:`.key_padding`, under rules with ``extra_key_mask``) and
 records what it did for :func:`explain` (:mod:`.explain`).
 """
 

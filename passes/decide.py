@@ -1,10 +1,14 @@
 """Decide, per attention call, whether to rewrite it to GNA.
 
 An SDPA call is eligible when it is plain self-attention over a 4-D
-``[B, heads, S, D]`` problem: no ``attn_mask``, not causal, no dropout, query
+``[B, heads, S, D]`` problem: not causal, no dropout, query
 and key of one length, heads equal (or GQA with ``enable_gqa=True``), static
-shapes. The first rule whose ``module`` pattern matches the call's module
-path and whose ``prod(grid) + extra_tokens`` equals ``S`` is the call's rule.
+shapes; an ``attn_mask``, if any, is boolean or floating point with static
+shape broadcastable to ``[B, heads, S, S]``. The first rule whose ``module``
+pattern matches the call's module path, whose ``prod(grid) + extra_tokens``
+equals ``S`` and, for a call with an ``attn_mask``, that sets
+``extra_key_mask`` is the call's rule (the mask's values are checked at run
+time by the op, :mod:`.key_padding`).
 The call is rewritten when the simulator predicts at least the rule's
 ``min_speedup``.
 
@@ -105,8 +109,11 @@ def _eligibility(call: AttentionCall) -> Optional[str]:
         return f"inputs are not 4-D [B, heads, S, D] ({call.shapes})"
     if any(d < 0 for d in (*qs, *ks, *vs)):
         return "dynamic (symbolic) shapes"
-    if a["attn_mask"] is not None:
-        return "has an attn_mask"
+    mask = a["attn_mask"]
+    if mask is not None:
+        why = _mask_eligibility(mask, qs, ks)
+        if why is not None:
+            return why
     if not _const(a["is_causal"]) or a["is_causal"]:
         return "is_causal=True (causal SDPA is not a GNA rule)"
     if not _const(a["dropout_p"]) or a["dropout_p"] != 0:
@@ -129,6 +136,21 @@ def _eligibility(call: AttentionCall) -> Optional[str]:
     return None
 
 
+def _mask_eligibility(mask: Any, qs: tuple[int, ...], ks: tuple[int, ...]) -> Optional[str]:
+    """Why an attn_mask can never be an extra-key padding mask (static checks only), or None."""
+    example = mask.meta.get("example_value", mask.meta.get("val")) if isinstance(mask, fx.Node) else mask
+    if not isinstance(example, torch.Tensor):
+        return "has an attn_mask that is not a tensor"
+    if example.dtype != torch.bool and not example.dtype.is_floating_point:
+        return f"has an attn_mask of dtype {example.dtype} (neither boolean nor additive float)"
+    shape = tuple(d if isinstance(d, int) else -1 for d in example.shape)
+    target = (qs[0], qs[1], qs[2], ks[2])
+    if not 1 <= len(shape) <= 4 or any(d not in (1, t) for d, t in zip(reversed(shape), reversed(target))):
+        return f"has an attn_mask of shape {'x'.join(str(d) if d >= 0 else '?' for d in shape)} that does not " \
+               f"broadcast to [B, heads, S, S] ({'x'.join(map(str, target))})"
+    return None
+
+
 def decide_sdpa(call: AttentionCall, rules: Sequence[Rule]) -> Decision:
     """The decision for one SDPA call under ``rules`` (first matching rule wins)."""
     if not rules:
@@ -148,11 +170,16 @@ def decide_sdpa(call: AttentionCall, rules: Sequence[Rule]) -> Decision:
                 f"rule {index}: length {s} != grid {grid} ({rule.params.num_tokens}) + {rule.extra_tokens} extra"
             )
             continue
+        if call.args["attn_mask"] is not None and not rule.extra_key_mask:
+            misses.append(f"rule {index}: the call has an attn_mask and the rule does not set extra_key_mask")
+            continue
         path = predicted_path(rule, call.device, call.dtype)
         speedup = predict_speedup(rule, heads, head_dim, b, call.dtype, call.device, path)
         if not math.isfinite(speedup) or speedup < rule.min_speedup:
             return Decision(False, f"predicted speedup {speedup:.2f}x < min_speedup {rule.min_speedup:g}",
                             index, rule, speedup, path)
-        return Decision(True, f"predicted speedup {speedup:.2f}x >= min_speedup {rule.min_speedup:g}",
+        masked = "; attn_mask checked at run time as a key-padding mask over the extra tokens" \
+            if call.args["attn_mask"] is not None else ""
+        return Decision(True, f"predicted speedup {speedup:.2f}x >= min_speedup {rule.min_speedup:g}{masked}",
                         index, rule, speedup, path)
     return Decision(False, "no rule matches: " + "; ".join(misses))

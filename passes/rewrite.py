@@ -16,6 +16,11 @@ reordered to the native layout and back inside the op (copies), unless the
 caller's own permutation chains are folded first (:mod:`.fold`): the op is
 then called in raster order on views of the caller's native tensors.
 
+Calls with a key-padding ``attn_mask`` over the extra tokens (rules with
+``extra_key_mask=True``) pass the mask to the op, which reads it at run time
+(:mod:`.key_padding`): grid queries get their batch element's valid extra
+keys, extra queries run dense SDPA under the original mask rows.
+
 Backward recomputes the forward under autograd inside
 ``gna_flex::rewritten_attention_backward`` (one extra forward per step).
 """
@@ -34,6 +39,7 @@ from gna_flex.ops import eager_dispatch
 from gna_flex.layout import make_tile_layout, permute, unpermute
 
 from .decide import Decision
+from .key_padding import mask_rows, per_batch_extra_keys, valid_extra_keys
 from .match import AttentionCall, output_users
 
 __all__ = ["gna_attention", "rewritten_attention", "rewrite_sdpa", "rewrite_flex", "flex_rewrite_blocker"]
@@ -69,6 +75,7 @@ def gna_attention(
     enable_gqa: bool,
     backend: Optional[str],
     tile: Optional[Sequence[int]] = None,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """What a rewritten attention call computes (eager; the custom op runs this).
 
@@ -84,14 +91,20 @@ def gna_attention(
             ``Sk >= P + E`` (keys past ``P + E`` are ignored, as a flex block
             mask marks them invalid); ``Sq`` is ``P + E``, or ``P`` (grid
             queries only, extra tokens last).
+        attn_mask: None, or (raster order, ``Sq == Sk == N + E`` only) SDPA's
+            mask of the original call, a key-padding mask over the extra
+            tokens (see :func:`.key_padding.valid_extra_keys`, which raises
+            RuntimeError for any other mask).
 
     Returns:
         ``[B, heads, Sq, Dv]``, stored tokens-major (``[B, Sq, heads, Dv]``
         contiguous, transposed): the op's native output needs no copy, and
         the usual ``out.transpose(1, 2).reshape(B, Sq, heads * Dv)`` that
         follows attention is a view. Grid queries attend to their GNA window
-        plus every extra key (one softmax); extra queries attend to every
-        grid and extra key (dense SDPA, exactly what they had before);
+        plus every extra key (one softmax; with ``attn_mask``, every valid
+        extra key of their batch element); extra queries attend to every
+        grid and extra key (dense SDPA under ``attn_mask``'s rows for them,
+        exactly what they had before);
         padding positions of a tile-major order output zeros (they see
         nothing, as under the flex mask).
     """
@@ -100,6 +113,15 @@ def gna_attention(
     tiles = make_tile_layout(grid, tuple(tile)) if tile is not None else None
     p = tiles.num_tokens if tiles is not None else n
     grid_tokens, extra = (slice(e, e + p), slice(0, e)) if extra_first else (slice(0, p), slice(p, p + e))
+    valid = None
+    if attn_mask is not None:
+        b, heads, sq, _ = query.shape
+        if tiles is not None or sq != n + e or key.shape[2] != n + e:
+            raise RuntimeError(
+                "gna_flex rewritten attention: an attn_mask needs raster order and query/key length grid + extra "
+                f"({n + e}), got query {sq}, key {key.shape[2]}" + (f", tile {tuple(tile)}" if tile else "")
+            )
+        valid = valid_extra_keys(attn_mask, b, heads, sq, key.shape[2], grid_tokens, extra)
 
     def grid_part(t: Tensor) -> Tensor:
         if tiles is None:
@@ -107,19 +129,14 @@ def gna_attention(
         return unpermute(t[:, :, grid_tokens], tiles, heads_last=False).movedim(1, -2)
 
     k_grid, v_grid = grid_part(key), grid_part(value)
-    out = functional.na(
-        grid_part(query),
-        k_grid,
-        v_grid,
-        tuple(kernel_size),
-        tuple(stride),
-        tuple(dilation),
-        tuple(bool(c) for c in is_causal),
-        scale=scale,
-        additional_keys=_heads_last(key, extra) if e else None,
-        additional_values=_heads_last(value, extra) if e else None,
-        backend=backend,
-    )
+    window = (tuple(kernel_size), tuple(stride), tuple(dilation), tuple(bool(c) for c in is_causal))
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, ak: Optional[Tensor], av: Optional[Tensor]) -> Tensor:
+        return functional.na(q, k, v, *window, scale=scale, additional_keys=ak, additional_values=av,
+                             backend=backend)
+
+    out = per_batch_extra_keys(attend, grid_part(query), k_grid, v_grid, _heads_last(key, extra),
+                               _heads_last(value, extra), valid)
     if tiles is None:
         out = _tokens_major(out.contiguous())
     else:
@@ -132,8 +149,9 @@ def gna_attention(
         # Padding positions are no one's keys: gather the valid ones.
         keys = torch.cat([_tokens_major(k_grid).transpose(1, 2), key[:, :, extra]], dim=2)
         values = torch.cat([_tokens_major(v_grid).transpose(1, 2), value[:, :, extra]], dim=2)
+    rows = mask_rows(attn_mask, extra, query.shape[2]) if attn_mask is not None else None
     extra_out = F.scaled_dot_product_attention(
-        query[:, :, extra], keys, values, scale=scale, enable_gqa=enable_gqa
+        query[:, :, extra], keys, values, attn_mask=rows, scale=scale, enable_gqa=enable_gqa
     ).transpose(1, 2)
     return torch.cat((extra_out, out) if extra_first else (out, extra_out), dim=1).transpose(1, 2)
 
@@ -159,15 +177,16 @@ def rewritten_attention(
     enable_gqa: bool,
     backend: Optional[str],
     tile: Optional[list[int]] = None,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     with eager_dispatch(), torch.no_grad():
         return gna_attention(query, key, value, grid, kernel_size, stride, dilation, is_causal, extra_tokens,
-                             extra_first, scale, enable_gqa, backend, tile)
+                             extra_first, scale, enable_gqa, backend, tile, attn_mask)
 
 
 @rewritten_attention.register_fake
 def _rewritten_attention_fake(query, key, value, grid, kernel_size, stride, dilation, is_causal, extra_tokens,
-                              extra_first, scale, enable_gqa, backend, tile=None):
+                              extra_first, scale, enable_gqa, backend, tile=None, attn_mask=None):
     b, h, s, _ = query.shape
     return query.new_empty((b, s, h, value.shape[-1])).transpose(1, 2)
 
@@ -189,6 +208,7 @@ def rewritten_attention_backward(
     enable_gqa: bool,
     backend: Optional[str],
     tile: Optional[list[int]] = None,
+    attn_mask: Optional[Tensor] = None,
 ) -> list[Tensor]:
     # Recompute the forward under autograd and differentiate it: gradients come
     # from the chosen path's own autograd (the kernel op's registered backward,
@@ -196,7 +216,7 @@ def rewritten_attention_backward(
     inputs = [t.detach().requires_grad_() for t in (query, key, value)]
     with eager_dispatch(), torch.enable_grad():
         out = gna_attention(*inputs, grid, kernel_size, stride, dilation, is_causal, extra_tokens, extra_first,
-                            scale, enable_gqa, backend, tile)
+                            scale, enable_gqa, backend, tile, attn_mask)
         return list(torch.autograd.grad(out, inputs, grad_out.to(out.dtype)))
 
 
@@ -207,14 +227,18 @@ def _rewritten_attention_backward_fake(grad_out, query, key, value, *rest):
 
 def _setup_context(ctx, inputs, output):
     query, key, value, *rest = inputs
-    ctx.save_for_backward(query, key, value)
-    ctx.rest = rest
+    # the mask (last input, or absent when the caller left the default) is saved as a tensor, the rest
+    # are plain values
+    mask = rest[-1] if len(rest) == 12 else None
+    ctx.save_for_backward(query, key, value, mask)
+    ctx.rest = (list(rest[:11]) + [None])[:11]  # tile defaults to None
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, grad_out):
-    query, key, value = ctx.saved_tensors
-    dq, dk, dv = rewritten_attention_backward(grad_out, query, key, value, *ctx.rest)
-    return (dq, dk, dv) + (None,) * len(ctx.rest)
+    query, key, value, mask = ctx.saved_tensors
+    dq, dk, dv = rewritten_attention_backward(grad_out, query, key, value, *ctx.rest, mask)
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
 rewritten_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -245,6 +269,8 @@ def rewrite_sdpa(graph: fx.Graph, call: AttentionCall, decision: Decision) -> No
     args = (a["query"], a["key"], a["value"], list(p.grid), list(p.kernel_size), list(p.stride), list(p.dilation),
             list(p.is_causal), rule.extra_tokens, rule.extra_position == "start", a["scale"], bool(a["enable_gqa"]),
             rule.backend)
+    if a["attn_mask"] is not None:
+        args += (None, a["attn_mask"])
     new = _replace(graph, call.node, _OP, args, {}, call.node)
     call.node.replace_all_uses_with(new)
     graph.erase_node(call.node)

@@ -10,6 +10,10 @@ in raster (row-major) order, and the ``extra_tokens`` (e.g. text) either after
 them (``extra_position="end"``) or before them (``"start"``). Grid queries
 attend to their window plus every extra key (one softmax); extra queries
 attend to every key, exactly as in the dense call.
+
+Calls with an ``attn_mask`` are rewritten only under a rule with
+``extra_key_mask=True``, and then only when the mask, read at run time, is a
+key-padding mask over the extra tokens (see :mod:`.key_padding`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,15 @@ class Rule:
         backend: passed to :func:`gna_flex.functional.na`: None (fused kernel
             when it can run, else flex), ``"cutlass"``, ``"flex"`` or
             ``"reference"`` (dense masked fp32 attention, for tests).
+        extra_key_mask: also rewrite calls that pass an ``attn_mask``, on the
+            promise that it is a key-padding mask over the extra tokens (e.g.
+            padded text): boolean or additive float, broadcastable to
+            ``[B, heads, S, S]``, attending to every grid key and the same
+            keys for every query row and head. At run time the op checks this
+            and raises RuntimeError otherwise; grid queries then attend to
+            their window plus their batch element's valid extra keys, extra
+            queries run dense SDPA under the original mask. False (default):
+            calls with an ``attn_mask`` are left alone.
 
     Raises:
         TypeError / ValueError at construction, naming the field and the axis.
@@ -67,6 +80,7 @@ class Rule:
     module: Optional[str] = None
     min_speedup: float = 1.1
     backend: Optional[str] = None
+    extra_key_mask: bool = False
     params: GNAParams = field(init=False, repr=False, compare=False)
     _pattern: Optional[re.Pattern] = field(init=False, repr=False, compare=False)
 
@@ -95,6 +109,8 @@ class Rule:
             raise ValueError(f"Rule: min_speedup must be a finite number >= 0, got {self.min_speedup}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"Rule: backend must be None or one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.extra_key_mask, bool):
+            raise TypeError(f"Rule: extra_key_mask must be a bool, got {self.extra_key_mask!r}")
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "_pattern", pattern)
 
@@ -119,5 +135,7 @@ class Rule:
             parts.append(f"causal={p.is_causal}")
         if self.extra_tokens:
             parts.append(f"extra={self.extra_tokens}@{self.extra_position}")
+        if self.extra_key_mask:
+            parts.append("extra_key_mask")
         return " ".join(parts)
 

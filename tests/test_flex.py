@@ -11,6 +11,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from gna_flex import flex, layout, reference
+from gna_flex.flex import attention as flex_attention_mod
+from gna_flex.flex import block_masks, masks
 from gna_flex.spec import make_params
 
 from strategies import gna_configs
@@ -196,7 +198,7 @@ def test_table_mask_tables():
     spec = flex.mask_spec(grid, (3, 3), tile=tile, extra_tokens=extra)
     total = spec.valid_tokens
     for cfg in [((3, 3), 1, 1, False), ((2, 3), (2, 3), (3, 2), (True, False))]:
-        q_table, k_table = flex._window_tables(flex.mask_spec(grid, *cfg, tile=tile, extra_tokens=extra),
+        q_table, k_table = masks._window_tables(flex.mask_spec(grid, *cfg, tile=tile, extra_tokens=extra),
                                                torch.device("cpu"))
         assert q_table.shape == (2 * 2 + 1, total + 1) and k_table.shape == (2 + 1, total + 1)
         assert q_table.dtype == k_table.dtype == torch.int32
@@ -205,11 +207,11 @@ def test_table_mask_tables():
 
 def test_mask_impl_argument():
     p = make_params((6, 7), (3, 3), (2, 1))
-    assert flex.DEFAULT_MASK_IMPL in flex.MASK_IMPLS
+    assert masks.DEFAULT_MASK_IMPL in flex.MASK_IMPLS
     a = flex.mask_mod(p, None, mask_impl="tables")
     b = flex.mask_mod(p, None, mask_impl="arith")
     assert a is not b and a is flex.mask_mod(p, None, mask_impl="tables")
-    assert flex.mask_mod(p, None) is flex.mask_mod(p, None, mask_impl=flex.DEFAULT_MASK_IMPL)
+    assert flex.mask_mod(p, None) is flex.mask_mod(p, None, mask_impl=masks.DEFAULT_MASK_IMPL)
     with pytest.raises(ValueError, match="mask_impl"):
         flex.mask_mod(p, None, mask_impl="fast")
     with pytest.raises(ValueError, match="mask_impl"):
@@ -230,7 +232,7 @@ def test_block_mask_tensors_do_not_depend_on_mask_impl(tile, extra):
 
 @pytest.mark.parametrize("impl", flex.MASK_IMPLS)
 def test_masks_are_cached_and_marked(impl, monkeypatch):
-    monkeypatch.setattr(flex, "DEFAULT_MASK_IMPL", impl)
+    monkeypatch.setattr(masks, "DEFAULT_MASK_IMPL", impl)
     p = make_params((6, 7), (3, 3), (2, 1))
     a = flex.block_mask(p, None, tile=(2, 4), extra_tokens=2, block_size=8)
     b = flex.block_mask((6, 7), (3, 3), (2, 1), tile=(2, 4), extra_tokens=2, block_size=8)
@@ -281,7 +283,7 @@ def test_block_mask_build_time_30x48x80():
             best = math.inf
             for _ in range(2):
                 t0 = time.thread_time()
-                flex._build_block_mask(spec, spec.valid_tokens, spec.valid_tokens, (128, 128), None, None,
+                block_masks._build_block_mask(spec, spec.valid_tokens, spec.valid_tokens, (128, 128), None, None,
                                        torch.device("cpu"))
                 best = min(best, time.thread_time() - t0)
             assert best <= 1.0, f"tile {tile}: {best:.3f} s"
@@ -426,8 +428,9 @@ def test_flex_na_gradients_on_cpu(grid, ks, st_, di, ca, extra, heads, heads_kv,
     g, gl = torch.randn_like(ref), torch.randn_like(ref_lse)
     got = torch.autograd.grad((out * g).sum() + (lse * gl).sum(), inputs)
     want = torch.autograd.grad((ref * g).sum() + (ref_lse * gl).sum(), inputs)
+    # Differences reach ~2e-6 over random draws (float32-level), so 1e-5 rather than float64's 1e-12.
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -435,7 +438,7 @@ def test_flex_na_compiled_cpu_two_configs():
     """The compiled path (Inductor's CPU flex, forward only) is exact and serves a second config without a recompile."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    flex._COMPILED_FLEX = None
+    flex_attention_mod._COMPILED_FLEX = None
     q = torch.randn(1, 6, 9, 10, 4, 16)
     k, v = torch.randn(1, 6, 9, 10, 2, 16), torch.randn(1, 6, 9, 10, 2, 16)
     ak, av = torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16)
@@ -464,6 +467,6 @@ def test_recompile_headroom_is_scoped():
     import torch._dynamo.config as dynamo_config
 
     before = dynamo_config.recompile_limit
-    with flex._recompile_headroom():
+    with flex_attention_mod._recompile_headroom():
         assert dynamo_config.recompile_limit >= 256
     assert dynamo_config.recompile_limit == before

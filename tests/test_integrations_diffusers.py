@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import sys
 from types import SimpleNamespace
 
@@ -182,6 +183,47 @@ def test_hunyuan_masked_text_keys_stay_masked():
     again = _run(model, inputs)
     gna.disable(model)
     torch.testing.assert_close(again[0], out[0], atol=1e-5, rtol=1e-5)
+
+
+def _hunyuan_processor():
+    model = _model("hunyuan")
+    handle = gna.enable(model, kernel_size=(2, 3, 3), backend="reference")
+    processor = model.transformer_blocks[0].attn.processor
+    handle.states[0].grid = VIDEO_GRID  # as the forward pre-hook sets it
+    return model, processor
+
+
+def test_processor_reads_bool_and_additive_key_padding_masks_alike():
+    model, processor = _hunyuan_processor()
+    n = math.prod(VIDEO_GRID)
+    q, k, v = (torch.randn(2, n + TEXT, 2, 16) for _ in range(3))
+    keys = torch.ones(2, n + TEXT, dtype=torch.bool)
+    keys[0, n + 2:] = False
+    additive = torch.zeros(keys.shape).masked_fill(~keys, -math.inf)
+    out_bool = processor.attend(q, k, v, attn_mask=keys[:, None, None, :])
+    out_2d = processor.attend(q, k, v, attn_mask=keys)  # diffusers' [B, S] form
+    out_float = processor.attend(q, k, v, attn_mask=additive[:, None, None, :].expand(-1, 1, n + TEXT, -1))
+    gna.disable(model)
+    torch.testing.assert_close(out_2d, out_bool)
+    torch.testing.assert_close(out_float, out_bool, atol=1e-6, rtol=1e-6)
+    # the padded text keys of element 0 play no part in its output
+    k2, v2 = k.clone(), v.clone()
+    k2[0, n + 2:], v2[0, n + 2:] = torch.randn(3, 2, 16) * 10, torch.randn(3, 2, 16) * 10
+    model, processor = _hunyuan_processor()
+    again = processor.attend(q, k2, v2, attn_mask=keys)
+    gna.disable(model)
+    torch.testing.assert_close(again[0], out_bool[0])
+
+
+def test_processor_refuses_a_mask_over_visual_keys():
+    model, processor = _hunyuan_processor()
+    n = math.prod(VIDEO_GRID)
+    q, k, v = (torch.randn(2, n + TEXT, 2, 16) for _ in range(3))
+    keys = torch.ones(2, n + TEXT, dtype=torch.bool)
+    keys[1, 4] = False
+    with pytest.raises(RuntimeError, match=r"masks grid \(visual\) keys of batch element\(s\) \[1\]"):
+        processor.attend(q, k, v, attn_mask=keys)
+    gna.disable(model)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -402,12 +444,15 @@ def test_switching_modes_compiles_one_graph_per_mode():
 
 @pytest.mark.parametrize("name, kernel_size, stride, dilation", [
     ("flux", (3, 3), (1, 2), 1),
+    ("hunyuan", (2, 3, 3), (1, 2, 1), 1),
     ("wan", (3, 2, 4), (1, 2, 1), 1),
     ("cosmos", (2, 2, 3), (2, 2, 3), 1),
 ])
 def test_compile_path_agrees_with_processor_path(name, kernel_size, stride, dilation):
     pytest.importorskip("gna_flex.backend", reason="the 'gna' torch.compile backend has not landed")
-    model, inputs = _model(name), _inputs(name)
+    model, inputs = _model(name), _inputs(name, batch=3)
+    if name == "hunyuan":  # a different text padding length per batch element: 2, 5 and 4 valid text tokens
+        inputs["encoder_attention_mask"] = torch.tensor([[1, 1, 0, 0, 0], [1] * 5, [1, 1, 1, 1, 0]])
     gna.enable(model, kernel_size=kernel_size, stride=stride, dilation=dilation, backend="reference")
     expected = _run(model, inputs)
     gna.disable(model)
@@ -415,12 +460,19 @@ def test_compile_path_agrees_with_processor_path(name, kernel_size, stride, dila
     size = dict(height=FLUX_GRID[0] * 16, width=FLUX_GRID[1] * 16) if name == "flux" else \
         dict(height=LAT_H * 8, width=LAT_W * 8, num_frames=(FRAMES - 1) * temporal + 1)
     rules = gna.rules_for(model, **size, kernel_size=kernel_size, stride=stride, dilation=dilation,
-                          text_tokens=TEXT if name == "flux" else None, min_speedup=0, backend="reference")
+                          text_tokens=TEXT if TEXT_FIRST[name] is not None else None, min_speedup=0,
+                          backend="reference")
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="gna", options={"rules": rules, "inner": "eager"})
     out = _run(compiled, inputs)
+    from gna_flex.passes import explain
+
+    rows = explain(compiled)
     torch._dynamo.reset()
+    visual = [r for r in rows if r.kind == "sdpa" and re.fullmatch(rules[0].module, r.module)]
+    assert visual and all(r.rewritten for r in visual), str(rows)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (out - _run(model, inputs)).abs().max() > 1e-3  # GNA really ran: the dense model differs
 
 
 # --- benchmark script ----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -587,3 +588,138 @@ def test_fold_not_tried_with_extra_tokens():
     q, k, v = (torch.randn(2, 2, 28, 8) for _ in range(3))
     rows, _, _, out, expected = _fold_case(fn, q, k, v)
     _assert_not_folded(rows, out, expected, ["extra tokens"])
+
+
+# --------------------------------------------------------------------------- extra-key (text padding) masks
+
+MASK_GRID, MASK_EXTRA = (4, 6), 5
+MASK_RULE = Rule(grid=MASK_GRID, kernel_size=3, stride=(1, 2), extra_tokens=MASK_EXTRA, min_speedup=0,
+                 backend="reference", extra_key_mask=True)
+
+
+def _key_mask(valid_extra: list[int], n: int, e: int, extra_first: bool = False) -> torch.Tensor:
+    """``[B, S]`` bool: every grid key plus the first ``valid_extra[b]`` extra keys of batch element b."""
+    rows = []
+    for count in valid_extra:
+        extra = torch.arange(e) < count
+        grid = torch.ones(n, dtype=torch.bool)
+        rows.append(torch.cat([extra, grid] if extra_first else [grid, extra]))
+    return torch.stack(rows)
+
+
+def _expected_masked(q, k, v, params, extra, extra_first, keys):
+    """Dense fp64 attention under the GNA mask AND the ``[B, S]`` key-padding mask."""
+    mask = dense_mask(params, extra)
+    if extra_first and extra:
+        n = params.num_tokens
+        order = torch.cat([torch.arange(n, n + extra), torch.arange(n)])
+        mask = mask[order][:, order]
+    full = mask[None, None] & keys[:, None, None, :]
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=full)
+
+
+def test_rule_extra_key_mask_field():
+    assert not Rule(grid=8, kernel_size=3).extra_key_mask
+    assert "extra_key_mask" in MASK_RULE.describe()
+    with pytest.raises(TypeError, match="extra_key_mask"):
+        Rule(grid=8, kernel_size=3, extra_key_mask=1)
+
+
+@pytest.mark.parametrize("extra_first", [False, True])
+@pytest.mark.parametrize("form", ["bool_b11s", "bool_b1ss", "float_b11s", "float_min_b1ss", "bool_11s"])
+def test_gna_attention_with_extra_key_mask_matches_reference(form, extra_first):
+    params = make_params(MASK_GRID, 3, (1, 2))
+    n, e = params.num_tokens, MASK_EXTRA
+    b = 3
+    valid = [2, 5, 0] if form != "bool_11s" else [3]
+    keys = _key_mask(valid, n, e, extra_first)
+    q, k, v = _qkv(b=b, h=2, s=n + e, d=8)
+    m = keys[:, None, None, :]
+    if form.endswith("b1ss"):
+        m = m.expand(-1, 1, n + e, -1)
+    if form.startswith("float"):
+        low = torch.finfo(torch.float32).min if "min" in form else -math.inf
+        m = torch.zeros(m.shape).masked_fill(~m, low)
+    out = gna_attention(q, k, v, params.grid, params.kernel_size, params.stride, params.dilation, params.is_causal,
+                        e, extra_first, None, False, "reference", None, m)
+    expected = _expected_masked(q, k, v, params, e, extra_first, keys.expand(b, -1)).float()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda keys: keys.clone().index_fill_(1, torch.tensor([3]), False),
+     "grid (visual) keys of batch element(s) [0, 1]"),
+    (lambda keys: keys[:, None, None, :].expand(-1, 1, 29, -1).clone().index_fill_(2, torch.tensor([0]), False),
+     "differs between query rows"),
+    (lambda keys: torch.zeros(keys.shape).masked_fill(~keys, -1e4), "-inf"),
+    (lambda keys: torch.zeros(keys.shape).masked_fill(~keys, -math.inf).index_fill_(1, torch.tensor([25]), 0.5),
+     "reweight"),
+    (lambda keys: keys[:, None, None, :].expand(-1, 2, -1, -1).clone().index_fill_(1, torch.tensor([1]), False),
+     "differs between heads"),
+])
+def test_gna_attention_refuses_other_masks(make, words):
+    params = make_params(MASK_GRID, 3, (1, 2))
+    n, e = params.num_tokens, MASK_EXTRA
+    keys = _key_mask([2, 4], n, e)
+    q, k, v = _qkv(b=2, h=2, s=n + e, d=8)
+    mask = make(keys)
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    with pytest.raises(RuntimeError, match=re.escape(words)):
+        gna_attention(q, k, v, params.grid, params.kernel_size, params.stride, params.dilation, params.is_causal, e,
+                      False, None, False, "reference", None, mask)
+
+
+def _masked_sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_decide_accepts_a_mask_only_with_extra_key_mask():
+    n = math.prod(MASK_GRID)
+    q, k, v = _qkv(b=2, s=n + MASK_EXTRA)
+    mask = _key_mask([2, 5], n, MASK_EXTRA)[:, None, None, :]
+    plain = Rule(grid=MASK_GRID, kernel_size=3, extra_tokens=MASK_EXTRA, min_speedup=0)
+    d = _decide(_masked_sdpa, [plain], q, k, v, mask)
+    assert not d.rewrite and "attn_mask" in d.reason and "extra_key_mask" in d.reason
+    d = _decide(_masked_sdpa, [plain, MASK_RULE], q, k, v, mask)
+    assert d.rewrite and d.rule is MASK_RULE and "key-padding" in d.reason
+
+
+def test_compiled_extra_key_mask_explain_rows_and_run_time_errors():
+    from gna_flex.passes import explain
+
+    n, e = math.prod(MASK_GRID), MASK_EXTRA
+    q, k, v = _qkv(b=3, s=n + e)
+    keys = _key_mask([1, 5, 3], n, e)
+    torch._dynamo.reset()
+    compiled = torch.compile(_masked_sdpa, backend="gna", options={"rules": [MASK_RULE], "inner": "eager"})
+    out = compiled(q, k, v, keys[:, None, None, :])
+    (row,) = explain(compiled)
+    assert row.rewritten and "extra_key_mask" in row.rule and "key-padding mask over the extra tokens" in row.reason
+    p = MASK_RULE.params
+    torch.testing.assert_close(out, _expected_masked(q, k, v, p, e, False, keys).float(), atol=1e-5, rtol=1e-5)
+    # same graph, a mask that hides a grid key: a clear run-time error, never a different result
+    bad = keys.clone()
+    bad[2, 7] = False
+    with pytest.raises(RuntimeError, match=r"masks grid \(visual\) keys of batch element\(s\) \[2\]"):
+        compiled(q, k, v, bad[:, None, None, :])
+    torch._dynamo.reset()
+
+
+def test_rewritten_attention_op_with_mask_registration_and_gradients():
+    params = make_params((3, 5), (2, 3))
+    n, e = params.num_tokens, 3
+    keys = _key_mask([1, 3], n, e)
+    q, k, v = (t.requires_grad_() for t in _qkv(b=2, h=2, s=n + e, d=8))
+    mask = keys[:, None, None, :]
+    args = (q, k, v, list(params.grid), list(params.kernel_size), list(params.stride), list(params.dilation),
+            list(params.is_causal), e, False, None, False, "reference", None, mask)
+    torch.library.opcheck(rewritten_attention, args)
+    out = rewritten_attention(*args)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _expected_masked(qd, kd, vd, params, e, False, keys)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (qd, kd, vd))
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r.float(), atol=1e-4, rtol=1e-4)

@@ -69,6 +69,11 @@ def rules_for(
             :func:`~gna_flex.integrations.diffusers.models.token_layout`).
         min_speedup, backend: passed to each Rule.
 
+    Models that mask padded text keys in their self-attention (HunyuanVideo)
+    get ``extra_key_mask=True``: the op checks at run time that the mask is a
+    key-padding mask over the text tokens and gives each batch element's
+    visual queries only its valid text keys, as the processors do.
+
     Raises:
         ValueError: the size does not give a whole token grid, or the GNA
             parameters do not fit it (naming the argument and axis).
@@ -86,7 +91,7 @@ def rules_for(
     return [Rule(
         grid=layout.grid, kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=False,
         extra_tokens=layout.text_tokens, extra_position=layout.text_position or "end", module=layout.module,
-        min_speedup=min_speedup, backend=backend,
+        min_speedup=min_speedup, backend=backend, extra_key_mask=layout.text_key_mask,
     )]
 
 

@@ -33,12 +33,16 @@ class TokenLayout:
             HunyuanVideo) or None (no text in self-attention).
         module: regular expression matching the full module path (relative to
             the transformer) of every visual self-attention module.
+        text_key_mask: the model passes its self-attention a key-padding
+            ``attn_mask`` over the text tokens (padded prompts, HunyuanVideo);
+            its rules set ``extra_key_mask``.
     """
 
     grid: tuple[int, ...]
     text_tokens: int
     text_position: Optional[str]
     module: str
+    text_key_mask: bool = False
 
     @property
     def grid_tokens(self) -> int:
@@ -63,6 +67,7 @@ class ModelSpec:
             for image models); includes FLUX's 2x2 latent packing.
         live_grid: the token grid of one forward call, from its bound
             arguments.
+        text_key_mask: see :class:`TokenLayout`.
     """
 
     class_name: str
@@ -73,6 +78,7 @@ class ModelSpec:
     vae_temporal: Optional[int]
     patch: Callable[[Any], tuple[int, int, int]]
     live_grid: Callable[[nn.Module, dict], tuple[int, ...]]
+    text_key_mask: bool = False
 
 
 def _divide(size: int, factor: int, name: str, what: str) -> int:
@@ -154,6 +160,7 @@ SUPPORTED: dict[str, ModelSpec] = {
             vae_temporal=4,
             patch=lambda c: (int(c.patch_size_t), int(c.patch_size), int(c.patch_size)),
             live_grid=_video_grid,
+            text_key_mask=True,  # its joint attention always masks padded text keys
         ),
         ModelSpec(
             class_name="CosmosTransformer3DModel",
@@ -254,7 +261,8 @@ def token_layout(
         text = spec.default_text_tokens if text_tokens is None else int(text_tokens)
         if text < 0:
             raise ValueError(f"text_tokens must be >= 0, got {text}")
-    return TokenLayout(grid=grid, text_tokens=text, text_position=spec.text_position, module=spec.module)
+    return TokenLayout(grid=grid, text_tokens=text, text_position=spec.text_position, module=spec.module,
+                       text_key_mask=spec.text_key_mask)
 
 
 def live_layout(transformer: nn.Module, args: tuple, kwargs: dict) -> tuple[int, ...]:

@@ -12,12 +12,17 @@ processor is untouched.
 :meth:`attend` splits the sequence into the visual grid (raster order) and the
 text segment, and computes
 
-* visual queries: :func:`gna_flex.functional.na` over their window, plus all
-  (unmasked) text keys as ``additional_keys`` in the same softmax;
+* visual queries: :func:`gna_flex.functional.na` over their window, plus
+  their batch element's unmasked text keys as ``additional_keys`` in the same
+  softmax;
 * text queries: the model's own dense attention over all keys, with the
   model's mask, exactly as before;
 
 then puts the outputs back in the model's token order.
+
+The mask is read by :mod:`gna_flex.passes.key_padding`, the same code the
+``gna`` compile backend's op uses: only a key-padding mask over the text
+tokens is accepted (anything else raises RuntimeError).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
+
+from gna_flex.passes.key_padding import mask_rows, per_batch_extra_keys, valid_extra_keys
 
 from .models import ModelSpec
 from .schedule import DenseSteps
@@ -61,26 +68,16 @@ class GNAState:
         self.schedule = schedule
         self.grid: Optional[tuple[int, ...]] = None
         self.dense: bool = False  # set by the forward pre-hook before any attention runs
-        # (mask, host flags) of the current forward: every layer gets the same mask tensor, so it is
-        # read to the host once per forward, not once per layer
-        self.mask_flags: Optional[tuple[Tensor, Tensor]] = None
+        # (mask, valid text keys) of the current forward: every layer gets the same mask tensor, so it
+        # is read to the host once per forward, not once per layer
+        self.mask_flags: Optional[tuple[Tensor, Optional[Tensor]]] = None
 
 
-def _key_padding_mask(attn_mask: Tensor, batch: int, seq: int) -> Tensor:
-    """A ``[B|1, 1, 1, S]`` (or ``[B|1, S]``) boolean key mask as ``[B, S]``."""
-    if attn_mask.dtype != torch.bool:
-        raise TypeError(
-            f"GNA attention supports a boolean key padding mask, got attn_mask of dtype {attn_mask.dtype}"
-        )
-    m = attn_mask
-    if m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1:
-        m = m[:, 0, 0]
-    if m.dim() != 2 or m.shape[-1] != seq or m.shape[0] not in (1, batch):
-        raise ValueError(
-            f"GNA attention supports a key padding mask of shape [B, 1, 1, S] or [B, S] with S={seq}, "
-            f"got attn_mask of shape {tuple(attn_mask.shape)}"
-        )
-    return m.expand(batch, seq)
+def _sdpa_mask(attn_mask: Tensor, batch: int, seq: int) -> Tensor:
+    """diffusers' ``[B, S]`` key mask as SDPA's ``[B, 1, 1, S]`` (as its native backend does); others unchanged."""
+    if attn_mask.dim() == 2 and attn_mask.shape[0] == batch and attn_mask.shape[1] == seq:
+        return attn_mask[:, None, None, :]
+    return attn_mask
 
 
 class GNAAttnProcessor:
@@ -168,23 +165,20 @@ class GNAAttnProcessor:
         k_txt, v_txt = key[:, txt], value[:, txt]
         text_mask = None
         if attn_mask is not None:
+            given, attn_mask = attn_mask, _sdpa_mask(attn_mask, b, s)
             cached = state.mask_flags
-            if cached is not None and cached[0] is attn_mask:
-                flags = cached[1]
+            if cached is not None and cached[0] is given:
+                text_mask = cached[1]
             else:
-                keys = _key_padding_mask(attn_mask, b, s)
-                visual_ok = keys[:, vis].all(dim=1, keepdim=True)
-                flags = torch.cat([visual_ok, keys[:, txt]], dim=1).cpu()  # one host read for the whole mask
-                state.mask_flags = (attn_mask, flags)
-            if not bool(flags[:, 0].all()):
-                raise ValueError("GNA attention cannot mask visual keys; attn_mask masks some grid tokens")
-            if not bool(flags[:, 1:].all()):
-                text_mask = flags[:, 1:]
+                text_mask = valid_extra_keys(attn_mask, b, query.shape[2], s, s, vis, txt)
+                state.mask_flags = (given, text_mask)
         out_vis = self._grid_attention(q_vis, k_vis, v_vis, k_txt, v_txt, text_mask, scale)
         out_vis = out_vis.flatten(1, len(grid))
         if not text:
             return out_vis
-        out_txt = dense(query[:, txt]).to(out_vis.dtype)  # the key mask broadcasts over these queries
+        if attn_mask is not None:
+            attn_mask = mask_rows(attn_mask, txt, s)  # a full [.., S, S] mask: the text queries' rows
+        out_txt = dense(query[:, txt]).to(out_vis.dtype)
         parts = (out_txt, out_vis) if position == "start" else (out_vis, out_txt)
         return torch.cat(parts, dim=1)
 
@@ -196,32 +190,17 @@ class GNAAttnProcessor:
 
         ``text_mask`` (``[B, E]`` bool on the host, or None for all-valid)
         selects each batch element's text keys; elements with the same mask
-        share one call.
+        share one call (:func:`gna_flex.passes.key_padding.per_batch_extra_keys`).
         """
         from gna_flex import functional
 
         cfg = self.state.config
 
         def run(qq: Tensor, kk: Tensor, vv: Tensor, ak: Optional[Tensor], av: Optional[Tensor]) -> Tensor:
-            if ak is not None and ak.shape[1] == 0:
-                ak = av = None
             return functional.na(qq, kk, vv, cfg.kernel_size, cfg.stride, cfg.dilation, scale=scale,
                                  additional_keys=ak, additional_values=av, backend=cfg.backend)
 
-        if text_mask is None:
-            return run(q, k, v, k_txt, v_txt)
-        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-        groups: dict[tuple[bool, ...], list[int]] = {}
-        for i, row in enumerate(text_mask.tolist()):
-            groups.setdefault(tuple(row), []).append(i)
-        for row, members in groups.items():
-            idx = torch.tensor(members, device=q.device)
-            cols = torch.tensor([j for j, keep in enumerate(row) if keep], device=q.device, dtype=torch.long)
-            ak = k_txt.index_select(0, idx).index_select(1, cols)
-            av = v_txt.index_select(0, idx).index_select(1, cols)
-            res = run(q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx), ak, av)
-            out.index_copy_(0, idx, res.to(out.dtype))
-        return out
+        return per_batch_extra_keys(run, q, k, v, k_txt, v_txt, text_mask)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,262 @@
+"""The flex path: GNA through ``flex_attention`` on ``[B, *grid, heads, D]`` tensors.
+
+:func:`flex_na` permutes q/k/v into tile-major order (:mod:`gna_flex.layout`),
+appends the extra keys/values and pads the KV sequence to whole blocks, runs
+``flex_attention`` (compiled on CUDA, eager on the CPU) under the analytic
+``BlockMask`` of :mod:`gna_flex.flex.block_masks`, and permutes the output
+(and logsumexp) back. :func:`default_kernel_options` holds the flex kernel
+options it uses on CUDA.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
+
+from ..checks import check_inputs_for
+from ..layout import default_tile, permute, unpermute
+from ..spec import GNAParams
+from .block_masks import DEFAULT_BLOCK_SIZE, _block_sizes, block_mask
+from .masks import _spec_from_params
+
+__all__ = ["flex_na", "default_kernel_options"]
+
+_COMPILED_FLEX: Optional[Callable] = None
+# torch >= 2.9 returns the logsumexp through AuxRequest; return_lse is deprecated there.
+_HAS_AUX = "return_aux" in inspect.signature(flex_attention).parameters
+
+
+def _lse_request() -> dict:
+    if _HAS_AUX:
+        from torch.nn.attention.flex_attention import AuxRequest
+
+        return {"return_aux": AuxRequest(lse=True)}
+    return {"return_lse": True}
+
+
+def _compiled_flex() -> Callable:
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        # dynamic=False: shapes are fixed per grid and block masks are cached,
+        # so static shapes give the best kernels and never re-trace per config
+        # (the mask parameters are tensors).
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    return _COMPILED_FLEX
+
+
+def _recompile_headroom():
+    """Raise Dynamo's per-function recompile limit while the compiled flex runs.
+
+    Every grid shape, dtype and kernel-option set is one compiled entry of
+    flex_attention's code object (configs of one grid share an entry: their
+    parameters are tensors). Past the default limit of 8 Dynamo silently runs
+    flex eagerly, which materialises the S x S score matrix (hundreds of GiB
+    for a video grid); a model with more attention shapes than that must
+    keep compiling instead.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    limits = {}
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            limits[name] = max(getattr(dynamo_config, name), 256)
+            break
+    return dynamo_config.patch(**limits)
+
+
+def default_kernel_options(
+    dtype: torch.dtype,
+    head_dim: int,
+    padded_rows: bool,
+    block_size: tuple[int, int] = (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE),
+    capability: Optional[tuple[int, int]] = None,
+) -> dict:
+    """Flex kernel options used by :func:`flex_na` on CUDA when none are given.
+
+    * On sm90 (H100/H200), 16-bit inputs, head dim 128, sparse blocks that
+      are multiples of (128, 64): ``BLOCK_M=128, BLOCK_N=64, num_warps=8,
+      num_stages=3``. A 128-row Q tile is exactly one 128-token tile (one
+      sparse Q block), so a Q program never straddles two KV lists; a
+      64-wide KV step keeps the 128x64 S/P tiles in registers with 8 warps;
+      3 stages of K/V (2 x 16 KiB each) plus Q (32 KiB) fit shared memory
+      and hide load latency. This is torch's own sm90 pick today; pinning it
+      keeps results from moving with torch's heuristics. Wider KV steps
+      (128) or TMA loads are what ``benchmarks/bench_flex.py`` compares
+      against it; change this default only with a result file behind it.
+    * ``ROWS_GUARANTEED_SAFE`` when no query row is padding: every grid
+      query has a non-empty window (kernel_size >= 2), so the kernel may skip
+      its all-masked-row guard. Padding rows (tile-major with a grid that is
+      not a tile multiple) see nothing, so the guard stays on for them.
+    Everything else is left to torch's heuristics.
+    """
+    opts: dict = {}
+    if capability is None and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+    if (
+        capability == (9, 0)
+        and dtype in (torch.float16, torch.bfloat16)
+        and head_dim == 128
+        and block_size[0] % 128 == 0
+        and block_size[1] % 64 == 0
+    ):
+        opts.update(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if not padded_rows:
+        opts["ROWS_GUARANTEED_SAFE"] = True
+    return opts
+
+
+def _run_flex(fn, q, k, v, bm, scale, gqa, kernel_options, return_lse) -> tuple[Tensor, Optional[Tensor]]:
+    """``fn`` (flex_attention, compiled or not) on ``[B, heads, S, D]``; returns ``(out, lse or None)``."""
+    kwargs = dict(block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=kernel_options)
+    if return_lse:
+        kwargs.update(_lse_request())
+    with warnings.catch_warnings():
+        # Eager flex on CPU warns that it materialises the score matrix: that is the point of the CPU path.
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        res = fn(q, k, v, **kwargs)
+    if not return_lse:
+        return res, None
+    return (res[0], res[1].lse) if _HAS_AUX else res
+
+
+class _CpuFlexAttention(torch.autograd.Function):
+    """Eager flex on the CPU with a backward.
+
+    torch's FlexAttention refuses inputs that require grad on the CPU. The
+    forward here is eager flex itself; the backward is the standard attention
+    backward evaluated densely under the same mask_mod (the eager CPU forward
+    materialises the score matrix too), so CPU autograd of the flex path
+    computes the exact gradient of the exact function.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bm, scale, gqa):
+        out, lse = _run_flex(flex_attention, q.detach(), k.detach(), v.detach(), bm, scale, gqa, None, True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.bm, ctx.scale = bm, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        b, hq, sq, dim = q.shape
+        hkv, skv = k.shape[1], k.shape[2]
+        group = hq // hkv
+        scale = dim ** -0.5 if ctx.scale is None else ctx.scale
+        z = torch.zeros((), dtype=torch.int32)
+        mask = ctx.bm.mask_mod(z, z, torch.arange(sq, dtype=torch.int32)[:, None],
+                               torch.arange(skv, dtype=torch.int32)[None, :])
+        kx = k.repeat_interleave(group, 1) if group > 1 else k
+        vx = v.repeat_interleave(group, 1) if group > 1 else v
+        s = (q.float() @ kx.float().transpose(-1, -2)) * scale
+        lse_f = torch.where(torch.isfinite(lse), lse, 0).float()[..., None]
+        p = torch.where(mask, torch.exp(s - lse_f), 0)
+        d_out = torch.zeros_like(out, dtype=torch.float32) if d_out is None else d_out.float()
+        dv = p.transpose(-1, -2) @ d_out
+        dp = d_out @ vx.float().transpose(-1, -2)
+        delta = (d_out * out.float()).sum(-1, keepdim=True)
+        if d_lse is not None:
+            delta = delta - d_lse.float()[..., None]
+        ds = p * (dp - delta)
+        dq = (ds @ kx.float()) * scale
+        dk = (ds.transpose(-1, -2) @ q.float()) * scale
+        if group > 1:
+            dk = dk.unflatten(1, (hkv, group)).sum(2)
+            dv = dv.unflatten(1, (hkv, group)).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def flex_na(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    params: GNAParams,
+    *,
+    scale: Optional[float] = None,
+    additional_keys: Optional[Tensor] = None,
+    additional_values: Optional[Tensor] = None,
+    return_lse: bool = False,
+    tile=None,
+    block_size=None,
+    kernel_options: Optional[dict] = None,
+    compile: Optional[bool] = None,
+    mask_impl: Optional[str] = None,
+):
+    """Neighborhood attention through FlexAttention in tile-major order.
+
+    Args:
+        query: ``[B, *grid, heads, D]``.
+        key, value: ``[B, *grid, heads_kv, D]`` / ``[B, *grid, heads_kv, Dv]``;
+            ``heads_kv`` divides ``heads`` (GQA).
+        params: :class:`GNAParams` of the grid.
+        scale: softmax scale (default ``D ** -0.5``).
+        additional_keys, additional_values: ``[B, E, heads_kv, D]`` extra
+            keys/values every grid query attends to, in one softmax with its
+            window.
+        return_lse: also return the logsumexp ``[B, *grid, heads]`` (fp32,
+            natural log).
+        tile: tile of the tile-major order (default :func:`gna_flex.layout.default_tile`
+            for the Q block size).
+        block_size: sparse block size, int or ``(Q, KV)``; default 128.
+        kernel_options: flex kernel options (default :func:`default_kernel_options`
+            on CUDA; pass ``{}`` for torch's heuristics).
+        compile: use the compiled flex_attention (default: on CUDA only; eager
+            flex on CPU evaluates the whole score matrix, fine for small tests).
+        mask_impl: mask_mod implementation, ``"tables"`` or ``"arith"``
+            (:func:`~gna_flex.flex.masks.mask_mod`); ``None`` for
+            :data:`~gna_flex.flex.masks.DEFAULT_MASK_IMPL`.
+
+    Returns:
+        ``out [B, *grid, heads, Dv]`` (and ``lse`` if asked). Autograd works
+        through flex's own backward on CUDA. torch's FlexAttention has no
+        CPU backward; on the CPU, inputs that require grad go through eager
+        flex with a dense backward under the same mask_mod (``_CpuFlexAttention``).
+    """
+    check_inputs_for(query, key, value, params, additional_keys, additional_values)
+    bq, bk = _block_sizes(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
+    grid = params.grid
+    if tile is None:
+        tile = default_tile(grid, bq)
+    extra = 0 if additional_keys is None else additional_keys.shape[1]
+    spec = _spec_from_params(params, tile, extra)
+    sg = spec.grid_tokens
+    # Pad the KV sequence to a whole number of KV blocks, so the kernel can use
+    # its divisible fast path; the trailing tokens are invalid in the mask.
+    kv_len = -(-(sg + extra) // bk) * bk
+    qt, layout = permute(query.movedim(-2, 1), grid, tile, heads_last=False)
+    kt, _ = permute(key.movedim(-2, 1), grid, tile, heads_last=False, extra=kv_len - sg)
+    vt, _ = permute(value.movedim(-2, 1), grid, tile, heads_last=False, extra=kv_len - sg)
+    if extra:
+        kt[:, :, sg : sg + extra] = additional_keys.movedim(2, 1)
+        vt[:, :, sg : sg + extra] = additional_values.movedim(2, 1)
+    bm = block_mask(params, None, tile=tile, extra_tokens=extra, block_size=(bq, bk), device=query.device,
+                    q_len=sg, kv_len=kv_len, mask_impl=mask_impl)
+    if compile is None:
+        compile = query.device.type == "cuda"
+    if kernel_options is None:
+        kernel_options = (
+            default_kernel_options(query.dtype, query.shape[-1], layout.is_padded, (bq, bk),
+                                   torch.cuda.get_device_capability(query.device))
+            if query.device.type == "cuda"
+            else None
+        )
+    gqa = query.shape[-2] != key.shape[-2]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qt, kt, vt))
+    if query.device.type == "cpu" and needs_grad:
+        out, lse = _CpuFlexAttention.apply(qt, kt, vt, bm, scale, gqa)
+    elif compile:
+        with _recompile_headroom():
+            out, lse = _run_flex(_compiled_flex(), qt, kt, vt, bm, scale, gqa, kernel_options or None, return_lse)
+    else:
+        out, lse = _run_flex(flex_attention, qt, kt, vt, bm, scale, gqa, kernel_options or None, return_lse)
+    # unpermute returns a view when the order is unchanged (e.g. 1-D without
+    # padding); callers get NATTEN's contiguous [B, *grid, heads, D] either way.
+    out = unpermute(out.transpose(1, 2), layout).contiguous()
+    if not return_lse:
+        return out
+    return out, unpermute(lse.transpose(1, 2), layout).float().contiguous()
