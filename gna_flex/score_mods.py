@@ -74,8 +74,7 @@ def relative_position_bias(
     spec = mask_spec(grid, kernel_size, stride, dilation, is_causal, tile, extra_tokens)
     params = spec.params
     n = params.ndim
-    want = (2 * w - 1 for w in params.kernel_size)
-    want = tuple(want)
+    want = tuple(2 * w - 1 for w in params.kernel_size)
     if not isinstance(table, Tensor) or table.dim() != n + 1 or tuple(table.shape[1:]) != want:
         shape = tuple(table.shape) if isinstance(table, Tensor) else type(table).__name__
         raise ValueError(f"table must have shape [heads, {', '.join(map(str, want))}] for kernel_size "
