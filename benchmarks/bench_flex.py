@@ -93,6 +93,9 @@ KERNEL_OPTIONS = {
     "m128n64w4s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     "m128n128w8s3": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     "m128n128w8s2pre": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, PRESCALE_QK=True),
+    "m128n128w8s3tma": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, USE_TMA=True),
+    "m128n64w8s2": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    "m128n64w8s4": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
     "torch": {},
 }
 DEFAULT_OPTION_SET = ["m128n64w8s3", "m128n128w8s2", "m128n64w8s3tma"]
@@ -217,11 +220,12 @@ def run_config(cfg: Config, opt_names: list[str], args, device, dtype, baselines
             traceback.print_exc()
             continue
         bm = flex.block_mask(params, None, tile=tile, block_size=block, device=device, q_len=sg, kv_len=kv_len)
-        qt, lay = permute(q.movedim(-2, 1), cfg.grid, tile, heads_last=False)
-        kt, _ = permute(k.movedim(-2, 1), cfg.grid, tile, heads_last=False, extra=kv_len - sg)
-        vt, _ = permute(v.movedim(-2, 1), cfg.grid, tile, heads_last=False, extra=kv_len - sg)
-        # permute may return a strided view (1-D, no padding); time the kernel on contiguous inputs
-        qt, kt, vt = qt.contiguous(), kt.contiguous(), vt.contiguous()
+        # The layout flex_na gives the kernel: tile-major [B, S, heads, D] in memory, read as
+        # [B, heads, S, D] views (permute may return a view of q itself: 1-D, no padding).
+        qt, lay = permute(q, cfg.grid, tile)
+        kt, _ = permute(k, cfg.grid, tile, extra=kv_len - sg)
+        vt, _ = permute(v, cfg.grid, tile, extra=kv_len - sg)
+        qt, kt, vt = (t.contiguous().transpose(1, 2) for t in (qt, kt, vt))
         visited = build["partial_blocks"] + build["full_blocks"]
         block_bound = build["q_blocks"] * build["kv_blocks"] / max(1, visited)
         for name in opt_names:

@@ -228,12 +228,16 @@ def flex_na(
     # Pad the KV sequence to a whole number of KV blocks, so the kernel can use
     # its divisible fast path; the trailing tokens are invalid in the mask.
     kv_len = -(-(sg + extra) // bk) * bk
-    qt, layout = permute(query.movedim(-2, 1), grid, tile, heads_last=False)
-    kt, _ = permute(key.movedim(-2, 1), grid, tile, heads_last=False, extra=kv_len - sg)
-    vt, _ = permute(value.movedim(-2, 1), grid, tile, heads_last=False, extra=kv_len - sg)
+    # Tile-major copies keep NATTEN's heads-last order ([B, S, heads, D]): each
+    # tile row moves as one contiguous heads*D run (a plain block copy), and
+    # flex reads the [B, heads, S, D] views through their strides.
+    qt, layout = permute(query, grid, tile)
+    kt, _ = permute(key, grid, tile, extra=kv_len - sg)
+    vt, _ = permute(value, grid, tile, extra=kv_len - sg)
     if extra:
-        kt[:, :, sg : sg + extra] = additional_keys.movedim(2, 1)
-        vt[:, :, sg : sg + extra] = additional_values.movedim(2, 1)
+        kt[:, sg : sg + extra] = additional_keys
+        vt[:, sg : sg + extra] = additional_values
+    qt, kt, vt = qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2)
     bm = block_mask(params, None, tile=tile, extra_tokens=extra, block_size=(bq, bk), device=query.device,
                     q_len=sg, kv_len=kv_len, mask_impl=mask_impl)
     if compile is None:
@@ -254,8 +258,10 @@ def flex_na(
             out, lse = _run_flex(_compiled_flex(), qt, kt, vt, bm, scale, gqa, kernel_options or None, return_lse)
     else:
         out, lse = _run_flex(flex_attention, qt, kt, vt, bm, scale, gqa, kernel_options or None, return_lse)
-    # unpermute returns a view when the order is unchanged (e.g. 1-D without
-    # padding); callers get NATTEN's contiguous [B, *grid, heads, D] either way.
+    # flex writes its output in the query's stride order, so out.transpose(1, 2)
+    # is [B, S, heads, Dv] in memory. unpermute returns a view when the order is
+    # unchanged (e.g. 1-D without padding); callers get NATTEN's contiguous
+    # [B, *grid, heads, D] either way.
     out = unpermute(out.transpose(1, 2), layout).contiguous()
     if not return_lse:
         return out
