@@ -82,10 +82,12 @@ DRY_CONFIGS = [
 ]
 
 # Kernel options tried per variant (CUDA only; the CPU dry run uses eager flex).
-# "m128n64w8s3" is gna_flex's default (see flex.default_kernel_options): torch's
-# own sm90 choice for 16-bit, head dim 128. 128-wide KV steps halve the loop
-# trips per block; TMA loads free registers and issue slots on Hopper.
+# "default" is what flex_na uses when given none (flex.default_kernel_options
+# for the card, dtype, head dim and blocks); "m128n64w8s3" is torch's own sm90
+# choice for 16-bit, head dim 128. 128-wide KV steps halve the loop trips per
+# block; TMA loads free registers and issue slots on Hopper.
 KERNEL_OPTIONS = {
+    "default": None,
     "m128n64w8s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     "m128n128w8s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
     "m128n64w8s3tma": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=True),
@@ -98,7 +100,7 @@ KERNEL_OPTIONS = {
     "m128n64w8s4": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
     "torch": {},
 }
-DEFAULT_OPTION_SET = ["m128n64w8s3", "m128n128w8s2", "m128n64w8s3tma"]
+DEFAULT_OPTION_SET = ["default", "m128n64w8s3", "m128n128w8s3tma"]
 
 
 def parse_args(argv=None):
@@ -229,7 +231,12 @@ def run_config(cfg: Config, opt_names: list[str], args, device, dtype, baselines
         visited = build["partial_blocks"] + build["full_blocks"]
         block_bound = build["q_blocks"] * build["kv_blocks"] / max(1, visited)
         for name in opt_names:
-            opts = dict(KERNEL_OPTIONS[name]) if on_cuda else None
+            if not on_cuda:
+                opts = None
+            elif KERNEL_OPTIONS[name] is None:
+                opts = flex.default_kernel_options(dtype, d, lay.is_padded, block)
+            else:
+                opts = dict(KERNEL_OPTIONS[name])
             row = {"tile": list(tile), "block": list(block), "options": name, "mask": build,
                    "block_bound": block_bound}
             if opts is not None:

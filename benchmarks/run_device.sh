@@ -39,7 +39,9 @@ for s in $steps; do
     flexab) step bench_flex_ab 330 python3 benchmarks/bench_flex.py --quick --configs 3d-s1,2d-s1 --mask-impl tables,arith --out "$OUT/flex_ab.json" ;;
     flexopts) step bench_flex_opts 330 python3 benchmarks/bench_flex.py --configs 3d-s16x8x8,2d-s16 --options all --rep 60 --out "$OUT/flex_opts.json" ;;
     flexall) step bench_flex_all 540 python3 benchmarks/bench_flex.py --out "$OUT/flex_all.json" ;;
-    tests) step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernel.py tests/gpu/test_flex_gpu.py ;;
+    tests) step gpu_tests 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernel.py tests/gpu/test_flex_gpu.py tests/gpu/test_layout_gpu.py ;;
+    layout) step layout_tests 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_layout_gpu.py
+            step bench_layout 60 python3 benchmarks/bench_layout.py --out "$OUT/layout.json" ;;
     backendtests) step backend_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_backend_gpu.py ;;
     calibrate) step calibrate_sim 200 python3 benchmarks/calibrate_sim.py --quick --out "$OUT/calibrate.json" ;;
     backend) step bench_backend 240 python3 benchmarks/bench_backend.py --out "$OUT/backend.json" ;;

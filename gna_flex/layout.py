@@ -58,6 +58,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from . import _permute_triton
 from .spec import normalize_axes, unravel
 
 __all__ = [
@@ -260,6 +261,11 @@ def _regions(layout: TileLayout):
     return itertools.product(*per_axis)
 
 
+def _is_raster(layout: TileLayout, extra: int) -> bool:
+    """Whether tile-major order is raster order (no padding, no extra, tiles span every axis but the first)."""
+    return not layout.is_padded and not extra and layout.tile[1:] == layout.grid[1:]
+
+
 def permute(
     x: Tensor,
     grid: Union[int, Sequence[int]],
@@ -290,6 +296,12 @@ def permute(
         :func:`unpermute` needs. When the order does not change (e.g. 1-D
         without padding and ``extra == 0``) ``y`` may be a view of ``x``
         rather than a copy: clone it before writing into it.
+
+    CUDA tensors in the heads-last layout whose per-token payload
+    (``*rest``) is contiguous move through one Triton copy kernel
+    (:mod:`gna_flex._permute_triton`, padding and ``extra`` zeroed in the
+    same pass); everything else through strided torch copies. Both give the
+    same values; both are differentiable.
     """
     layout = make_tile_layout(grid, tile)
     g = layout.grid
@@ -304,6 +316,10 @@ def permute(
     rest = tuple(x.shape[lead + n :])
     if extra < 0:
         raise ValueError(f"extra must be >= 0, got {extra}")
+    if lead == 1 and not _is_raster(layout, extra):
+        y = _permute_triton.permute_tokens(x, layout, extra)
+        if y is not None:
+            return y, layout
     if not layout.is_padded and not extra:
         shape = lead_shape + sum(((nt, t) for nt, t in zip(layout.tiles, layout.tile)), ()) + rest
         y = x.reshape(shape)
@@ -346,6 +362,10 @@ def unpermute(y: Tensor, layout: TileLayout, *, heads_last: bool = True, flat: b
         )
     lead_shape = tuple(y.shape[:lead])
     rest = tuple(y.shape[lead + 1 :])
+    if lead == 1 and not _is_raster(layout, 0):
+        x = _permute_triton.unpermute_tokens(y, layout)
+        if x is not None:
+            return x.flatten(1, n) if flat else x
     y = y.reshape(lead_shape + layout.tiles + layout.tile + rest)
     # [*lead, nt_0.., T_0.., *rest] -> [*lead, nt_0, T_0, nt_1, T_1, ..., *rest]
     order = list(range(lead)) + [lead + k for a in range(n) for k in (a, n + a)]

@@ -217,7 +217,10 @@ def rewritten_attention_backward(
     with eager_dispatch(), torch.enable_grad():
         out = gna_attention(*inputs, grid, kernel_size, stride, dilation, is_causal, extra_tokens, extra_first,
                             scale, enable_gqa, backend, tile, attn_mask)
-        return list(torch.autograd.grad(out, inputs, grad_out.to(out.dtype)))
+        grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+    # The fake promises empty_like(input) layouts (what Inductor asserts on); the
+    # chosen path's autograd may return another stride order.
+    return [g if g.stride() == t.stride() else torch.empty_like(t).copy_(g) for g, t in zip(grads, inputs)]
 
 
 @rewritten_attention_backward.register_fake

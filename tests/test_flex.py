@@ -454,6 +454,9 @@ def test_flex_na_compiled_cpu_two_configs():
 def test_default_kernel_options():
     bf16 = torch.bfloat16
     opts = flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0))
+    assert opts == dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, USE_TMA=True, ROWS_GUARANTEED_SAFE=True)
+    # 64-wide sparse KV blocks: torch's own sm90 pick, which divides them
+    opts = flex.default_kernel_options(bf16, 128, False, (128, 64), (9, 0))
     assert opts == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, ROWS_GUARANTEED_SAFE=True)
     # padding rows see nothing: the all-masked-row guard must stay on
     assert "ROWS_GUARANTEED_SAFE" not in flex.default_kernel_options(bf16, 128, True, (128, 128), (9, 0))

@@ -14,7 +14,12 @@ from gna_flex.passes import Rule
 from gna_flex.passes.decide import decide_sdpa, predict_speedup
 from gna_flex.passes.explain import ExplainRow, Explanation
 from gna_flex.passes.match import find_attention, normalize_module_path, normalize_sdpa_args
-from gna_flex.passes.rewrite import gna_attention, rewritten_attention
+from gna_flex.passes.rewrite import (
+    _rewritten_attention_backward_fake,
+    gna_attention,
+    rewritten_attention,
+    rewritten_attention_backward,
+)
 from gna_flex.reference import dense_mask
 from gna_flex.spec import make_params
 
@@ -723,3 +728,23 @@ def test_rewritten_attention_op_with_mask_registration_and_gradients():
     torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+def test_rewritten_attention_backward_matches_its_fake_layout(backend):
+    # The rewrite hands the op views of tokens-major buffers ([B, S, heads, D]
+    # transposed); Inductor asserts the gradients' strides against the fake's
+    # empty_like(input), whatever layout the chosen path's autograd returns.
+    params = make_params((4, 6), (3, 3), (1, 2))
+    s = params.num_tokens + 2
+    q, k, v = (torch.randn(1, s, 2, 8).transpose(1, 2) for _ in range(3))
+    grad_out = torch.randn(1, s, 2, 8).transpose(1, 2)
+    args = (q, k, v, list(params.grid), list(params.kernel_size), list(params.stride), list(params.dilation),
+            list(params.is_causal), 2, False, None, False, backend)
+    grads = rewritten_attention_backward(grad_out, *args)
+    fakes = _rewritten_attention_backward_fake(grad_out, *args)
+    for g, f, t in zip(grads, fakes, (q, k, v)):
+        assert g.shape == f.shape and g.stride() == f.stride() == t.stride()
+    contiguous = rewritten_attention_backward(grad_out.contiguous(), *(t.contiguous() for t in (q, k, v)), *args[3:])
+    for g, c in zip(grads, contiguous):
+        torch.testing.assert_close(g, c, atol=1e-5, rtol=1e-5)

@@ -78,16 +78,17 @@ def default_kernel_options(
 ) -> dict:
     """Flex kernel options used by :func:`flex_na` on CUDA when none are given.
 
-    * On sm90 (H100/H200), 16-bit inputs, head dim 128, sparse blocks that
-      are multiples of (128, 64): ``BLOCK_M=128, BLOCK_N=64, num_warps=8,
-      num_stages=3``. A 128-row Q tile is exactly one 128-token tile (one
-      sparse Q block), so a Q program never straddles two KV lists; a
-      64-wide KV step keeps the 128x64 S/P tiles in registers with 8 warps;
-      3 stages of K/V (2 x 16 KiB each) plus Q (32 KiB) fit shared memory
-      and hide load latency. This is torch's own sm90 pick today; pinning it
-      keeps results from moving with torch's heuristics. Wider KV steps
-      (128) or TMA loads are what ``benchmarks/bench_flex.py`` compares
-      against it; change this default only with a result file behind it.
+    * On sm90 (H100/H200), 16-bit inputs, head dim 128: ``BLOCK_M=128,
+      BLOCK_N=128, num_warps=8, num_stages=2, USE_TMA=True`` when the sparse
+      blocks are multiples of (128, 128), else ``BLOCK_N=64, num_stages=3``
+      (torch's own sm90 pick). A 128-row Q tile is exactly one 128-token
+      tile (one sparse Q block), so a Q program never straddles two KV lists.
+      On an H100 (``benchmarks/results/flex-opts-h100.json``, 11 option sets)
+      the 128-wide TMA variant was the fastest on the 3-D 30x48x80 / s16x8x8
+      config (31.7 ms vs 34.4 ms for torch's pick) and within 3% of the
+      fastest on the 2-D 256x256 / s16x16 one (11.0 ms vs 10.7 ms for
+      3 stages, which does not fit shared memory on the 3-D config). torch
+      turns TMA off by itself where the strides do not allow it.
     * ``ROWS_GUARANTEED_SAFE`` when no query row is padding: every grid
       query has a non-empty window (kernel_size >= 2), so the kernel may skip
       its all-masked-row guard. Padding rows (tile-major with a grid that is
@@ -97,14 +98,11 @@ def default_kernel_options(
     opts: dict = {}
     if capability is None and torch.cuda.is_available():
         capability = torch.cuda.get_device_capability()
-    if (
-        capability == (9, 0)
-        and dtype in (torch.float16, torch.bfloat16)
-        and head_dim == 128
-        and block_size[0] % 128 == 0
-        and block_size[1] % 64 == 0
-    ):
-        opts.update(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if capability == (9, 0) and dtype in (torch.float16, torch.bfloat16) and head_dim == 128 and block_size[0] % 128 == 0:
+        if block_size[1] % 128 == 0:
+            opts.update(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, USE_TMA=True)
+        elif block_size[1] % 64 == 0:
+            opts.update(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if not padded_rows:
         opts["ROWS_GUARANTEED_SAFE"] = True
     return opts
