@@ -46,7 +46,8 @@ for s in $steps; do
     calibrate) step calibrate_sim 200 python3 benchmarks/calibrate_sim.py --quick --out "$OUT/calibrate.json" ;;
     backend) step bench_backend 240 python3 benchmarks/bench_backend.py --out "$OUT/backend.json" ;;
     diffusers) step bench_diffusers 540 python3 benchmarks/bench_diffusers.py --layer-scale 0.25 --out "$OUT/diffusers.json" ;;
-    kernel) step bench_kernel 120 python3 benchmarks/bench_kernel.py --head-dim 128 --out "$OUT/kernel.json" ;;
+    kernel) step bench_kernel 240 python3 benchmarks/bench_kernel.py --head-dim 128 64 --out "$OUT/kernel.json" ;;
+    flexopts1d) step bench_flex_opts1d 150 python3 benchmarks/bench_flex.py --configs 1d-s256 --options all --rep 60 --out "$OUT/flex_opts1d.json" ;;
     *) echo "unknown step $s" ;;
   esac
 done
