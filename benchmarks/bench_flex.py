@@ -43,7 +43,6 @@ import common  # noqa: E402
 
 from gna_flex import flex  # noqa: E402
 from gna_flex.flex import attention as flex_attention_mod, block_masks, masks  # noqa: E402
-from gna_flex.layout import permute  # noqa: E402
 from gna_flex.spec import count_pairs, make_params  # noqa: E402
 
 
@@ -222,12 +221,9 @@ def run_config(cfg: Config, opt_names: list[str], args, device, dtype, baselines
             traceback.print_exc()
             continue
         bm = flex.block_mask(params, None, tile=tile, block_size=block, device=device, q_len=sg, kv_len=kv_len)
-        # The layout flex_na gives the kernel: tile-major [B, S, heads, D] in memory, read as
-        # [B, heads, S, D] views (permute may return a view of q itself: 1-D, no padding).
-        qt, lay = permute(q, cfg.grid, tile)
-        kt, _ = permute(k, cfg.grid, tile, extra=kv_len - sg)
-        vt, _ = permute(v, cfg.grid, tile, extra=kv_len - sg)
-        qt, kt, vt = (t.contiguous().transpose(1, 2) for t in (qt, kt, vt))
+        # The layout flex_na gives the kernel (tile-major [B, S, heads, D] in memory, read as
+        # [B, heads, S, D] views); qt may be a view of q itself (1-D, no padding).
+        qt, kt, vt, lay = flex.tile_major_inputs(q, k, v, cfg.grid, tile, kv_len)
         visited = build["partial_blocks"] + build["full_blocks"]
         block_bound = build["q_blocks"] * build["kv_blocks"] / max(1, visited)
         for name in opt_names:
@@ -249,7 +245,8 @@ def run_config(cfg: Config, opt_names: list[str], args, device, dtype, baselines
             try:
                 fn = flex_attention_mod._compiled_flex() if on_cuda else flex_attention_mod.flex_attention
 
-                def kernel(fn=fn, qt=qt, kt=kt, vt=vt, bm=bm, opts=opts):
+                def kernel(fn=fn, qt=qt, kt=kt, vt=vt, bm=block_masks.kernel_block_mask(bm) if on_cuda else bm,
+                           opts=opts):
                     return fn(qt, kt, vt, block_mask=bm, kernel_options=opts)
 
                 def whole(tile=tile, block=block, opts=opts):

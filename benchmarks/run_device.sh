@@ -5,6 +5,7 @@
 #   .whl/    nvidia-cutlass 4.2.0.0, natten 0.21.7, diffusers 0.42.1 and importlib_metadata wheels
 #   .whl/kt/ pytest + hypothesis wheels (python3 -m pip download --no-deps --only-binary=:all: -d .whl ...)
 # Usage: GNA_FLEX_COMMIT=<hash> bash benchmarks/run_device.sh [steps...]   (default: flex tests calibrate)
+# flexsel: bench_flex on $FLEX_CONFIGS (comma-separated names) with $FLEX_OPTIONS (option-set names).
 # GNA_FLEX_COMMIT: the commit of the tree being copied over. The device copy has no .git, so without it every
 # result file records commit "unknown" (benchmarks/common.py git_commit reads it). Compute it in the checkout
 # before the call and pass the value literally (no $(git ...) in the device command: git has nothing to read
@@ -47,6 +48,8 @@ for s in $steps; do
     backend) step bench_backend 240 python3 benchmarks/bench_backend.py --out "$OUT/backend.json" ;;
     diffusers) step bench_diffusers 540 python3 benchmarks/bench_diffusers.py --layer-scale 0.25 --out "$OUT/diffusers.json" ;;
     kernel) step bench_kernel 240 python3 benchmarks/bench_kernel.py --head-dim 128 64 --out "$OUT/kernel.json" ;;
+    flexsel) step bench_flex_sel 300 python3 benchmarks/bench_flex.py --configs "${FLEX_CONFIGS:-3d-s16x8x8}" --options "${FLEX_OPTIONS:-default}" --rep 60 --out "$OUT/flex_sel.json" ;;
+    flextests) step flex_tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_flex_gpu.py ;;
     flexopts1d) step bench_flex_opts1d 150 python3 benchmarks/bench_flex.py --configs 1d-s256 --options all --rep 60 --out "$OUT/flex_opts1d.json" ;;
     *) echo "unknown step $s" ;;
   esac

@@ -251,6 +251,24 @@ def test_masks_are_cached_and_marked(impl, monkeypatch):
     assert flex.gna_params_of(flex_attention) is None
 
 
+def test_kernel_block_mask_drops_the_mask_mod_only_without_partial_blocks():
+    from torch.nn.attention.flex_attention import noop_mask
+
+    # Perfectly block-sparse: windows and strides on tile boundaries, no padding.
+    bm = flex.block_mask((16, 24, 24), 8, 8, tile=(2, 8, 8))
+    assert int(bm.kv_num_blocks.sum()) == 0 and int(bm.full_kv_num_blocks.sum()) > 0
+    twin = block_masks.kernel_block_mask(bm)
+    assert twin is not bm and twin.mask_mod is noop_mask and bm.mask_mod is not noop_mask
+    assert twin.full_kv_indices is bm.full_kv_indices and twin.kv_num_blocks is bm.kv_num_blocks
+    assert flex.gna_params_of(twin) == flex.gna_params_of(bm)
+    assert block_masks.kernel_block_mask(bm) is twin and block_masks.kernel_block_mask(twin) is twin
+    torch.testing.assert_close(twin.to_dense(), bm.to_dense(), rtol=0, atol=0)
+    # Partial blocks: the exact mask_mod stays.
+    partial = flex.block_mask((16, 24, 24), 8, 1, tile=(2, 8, 8))
+    assert int(partial.kv_num_blocks.sum()) > 0
+    assert block_masks.kernel_block_mask(partial) is partial
+
+
 def test_block_mask_batch_and_heads():
     bm = flex.block_mask((9,), 3, block_size=4, B=2, H=3)
     assert bm.kv_num_blocks.shape == (2, 3, 3)

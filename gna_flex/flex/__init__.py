@@ -9,7 +9,8 @@ One module per idea; imports point one way (attention -> block_masks -> masks):
   ``BlockMask`` builder (cached), and :func:`gna_params_of`, which reads the
   marker every gna_flex mask carries.
 * :mod:`gna_flex.flex.attention`: :func:`flex_na`, GNA through
-  ``flex_attention`` on ``[B, *grid, heads, D]`` tensors, and
+  ``flex_attention`` on ``[B, *grid, heads, D]`` tensors, the layout steps
+  it takes (:func:`tile_major_inputs`, :func:`tile_major_output`), and
   :func:`default_kernel_options`.
 
 This package re-exports their public names. Module state lives in the
@@ -17,7 +18,7 @@ module that reads it: switch the default mask_mod for a run with
 ``gna_flex.flex.masks.DEFAULT_MASK_IMPL``.
 """
 
-from .attention import default_kernel_options, flex_na
+from .attention import default_kernel_options, flex_na, tile_major_inputs, tile_major_output
 from .block_masks import DEFAULT_BLOCK_SIZE, block_mask, gna_params_of
 from .masks import MASK_IMPLS, MaskSpec, mask_mod, mask_spec
 
@@ -28,6 +29,8 @@ __all__ = [
     "block_mask",
     "gna_params_of",
     "flex_na",
+    "tile_major_inputs",
+    "tile_major_output",
     "default_kernel_options",
     "DEFAULT_BLOCK_SIZE",
     "MASK_IMPLS",

@@ -21,10 +21,10 @@ from torch.nn.attention.flex_attention import flex_attention
 from ..checks import check_inputs_for
 from ..layout import default_tile, permute, unpermute
 from ..spec import GNAParams
-from .block_masks import DEFAULT_BLOCK_SIZE, _block_sizes, block_mask
+from .block_masks import DEFAULT_BLOCK_SIZE, _block_sizes, block_mask, kernel_block_mask
 from .masks import _spec_from_params
 
-__all__ = ["flex_na", "default_kernel_options"]
+__all__ = ["flex_na", "tile_major_inputs", "tile_major_output", "default_kernel_options"]
 
 _COMPILED_FLEX: Optional[Callable] = None
 # torch >= 2.9 returns the logsumexp through AuxRequest; return_lse is deprecated there.
@@ -169,6 +169,35 @@ class _CpuFlexAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
+def tile_major_inputs(query: Tensor, key: Tensor, value: Tensor, grid, tile, kv_len: int,
+                      additional_keys: Optional[Tensor] = None, additional_values: Optional[Tensor] = None):
+    """The flex path's inputs: ``[B, *grid, heads, D]`` -> tile-major ``[B, heads, S, D]`` views.
+
+    Returns ``(qt, kt, vt, layout)``: ``qt [B, heads, S_pad, D]``, ``kt`` /
+    ``vt [B, heads_kv, kv_len, D]`` with the extra keys/values right after
+    the ``S_pad`` grid tokens and zeros up to ``kv_len``. The copies keep
+    NATTEN's heads-last order (``[B, S, heads, D]`` in memory): each tile row
+    moves as one contiguous ``heads * D`` run, and flex reads the views
+    through their strides (its output follows the query's stride order).
+    """
+    qt, layout = permute(query, grid, tile)
+    sg = layout.num_tokens
+    kt, _ = permute(key, grid, tile, extra=kv_len - sg)
+    vt, _ = permute(value, grid, tile, extra=kv_len - sg)
+    if additional_keys is not None:
+        extra = additional_keys.shape[1]
+        kt[:, sg : sg + extra] = additional_keys
+        vt[:, sg : sg + extra] = additional_values
+    return qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), layout
+
+
+def tile_major_output(out: Tensor, layout) -> Tensor:
+    """flex's ``out [B, heads, S_pad, Dv]`` (tile-major) -> contiguous ``[B, *grid, heads, Dv]``."""
+    # unpermute returns a view when the order is unchanged (e.g. 1-D without
+    # padding); callers get NATTEN's contiguous layout either way.
+    return unpermute(out.transpose(1, 2), layout).contiguous()
+
+
 def flex_na(
     query: Tensor,
     key: Tensor,
@@ -226,16 +255,7 @@ def flex_na(
     # Pad the KV sequence to a whole number of KV blocks, so the kernel can use
     # its divisible fast path; the trailing tokens are invalid in the mask.
     kv_len = -(-(sg + extra) // bk) * bk
-    # Tile-major copies keep NATTEN's heads-last order ([B, S, heads, D]): each
-    # tile row moves as one contiguous heads*D run (a plain block copy), and
-    # flex reads the [B, heads, S, D] views through their strides.
-    qt, layout = permute(query, grid, tile)
-    kt, _ = permute(key, grid, tile, extra=kv_len - sg)
-    vt, _ = permute(value, grid, tile, extra=kv_len - sg)
-    if extra:
-        kt[:, sg : sg + extra] = additional_keys
-        vt[:, sg : sg + extra] = additional_values
-    qt, kt, vt = qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2)
+    qt, kt, vt, layout = tile_major_inputs(query, key, value, grid, tile, kv_len, additional_keys, additional_values)
     bm = block_mask(params, None, tile=tile, extra_tokens=extra, block_size=(bq, bk), device=query.device,
                     q_len=sg, kv_len=kv_len, mask_impl=mask_impl)
     if compile is None:
@@ -253,14 +273,11 @@ def flex_na(
         out, lse = _CpuFlexAttention.apply(qt, kt, vt, bm, scale, gqa)
     elif compile:
         with _recompile_headroom():
-            out, lse = _run_flex(_compiled_flex(), qt, kt, vt, bm, scale, gqa, kernel_options or None, return_lse)
+            out, lse = _run_flex(_compiled_flex(), qt, kt, vt, kernel_block_mask(bm), scale, gqa,
+                                 kernel_options or None, return_lse)
     else:
         out, lse = _run_flex(flex_attention, qt, kt, vt, bm, scale, gqa, kernel_options or None, return_lse)
-    # flex writes its output in the query's stride order, so out.transpose(1, 2)
-    # is [B, S, heads, Dv] in memory. unpermute returns a view when the order is
-    # unchanged (e.g. 1-D without padding); callers get NATTEN's contiguous
-    # [B, *grid, heads, D] either way.
-    out = unpermute(out.transpose(1, 2), layout).contiguous()
+    out = tile_major_output(out, layout)
     if not return_lse:
         return out
     return out, unpermute(lse.transpose(1, 2), layout).float().contiguous()

@@ -27,6 +27,7 @@ keeps the mask_mod and its captured tensors, hence the marker.)
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import dataclass
@@ -34,12 +35,12 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import BlockMask, noop_mask
 
 from ..spec import GNAParams, axis_windows
 from .masks import _MARKER, MaskSpec, _cached_mask_mod, _device_key, _mask_impl, mask_spec
 
-__all__ = ["block_mask", "gna_params_of", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["block_mask", "kernel_block_mask", "gna_params_of", "DEFAULT_BLOCK_SIZE"]
 
 DEFAULT_BLOCK_SIZE = 128
 
@@ -291,12 +292,33 @@ def _build_block_mask(
         mask_mod=_cached_mask_mod(spec, device, _mask_impl(impl)),
         seq_lengths=(q_len, kv_len),
     )
+    bm._gna_has_partial = bool(partial.any())
     marker = (spec.params, spec.tile, spec.extra_tokens)
     setattr(bm, _MARKER, marker)
     for value in vars(bm).values():
         if isinstance(value, Tensor):
             setattr(value, _MARKER, marker)
     return bm
+
+
+def kernel_block_mask(bm: BlockMask) -> BlockMask:
+    """The mask a compiled flex kernel needs: ``bm`` itself, or a mask_mod-free twin.
+
+    When :func:`block_mask` found no partial block, the kernel never calls the
+    mask_mod (every visited block is full), so the twin (the same block
+    tensors and marker, ``noop_mask`` as its mask_mod) gives the same result
+    with the partial-block path compiled down to nothing: fewer registers and
+    less shared-memory scratch in the kernel. Only for compiled flex: eager
+    flex ignores the block lists and evaluates the mask_mod everywhere.
+    """
+    if getattr(bm, "_gna_has_partial", True):
+        return bm
+    twin = bm.__dict__.get("_gna_kernel_twin")
+    if twin is None:
+        twin = copy.copy(bm)
+        twin.mask_mod = noop_mask
+        bm._gna_kernel_twin = twin._gna_kernel_twin = twin
+    return twin
 
 
 @functools.lru_cache(maxsize=64)

@@ -18,6 +18,8 @@ CASES = [
     ((32, 32), (16, 16), (16, 16), 1, False, 5, 2, 2, (16, 8)),
     ((9, 20, 22), (4, 6, 7), (2, 1, 7), (1, 2, 1), (True, False, False), 0, 2, 2, None),
     ((16, 24, 24), (8, 8, 8), (8, 8, 8), 1, False, 3, 2, 1, (2, 8, 8)),
+    # perfectly block-sparse (no partial block): the kernel runs the mask_mod-free twin
+    ((16, 24, 24), (8, 8, 8), (8, 8, 8), 1, False, 0, 2, 2, (2, 8, 8)),
 ]
 
 
