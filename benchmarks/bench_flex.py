@@ -230,7 +230,8 @@ def run_config(cfg: Config, opt_names: list[str], args, device, dtype, baselines
             if not on_cuda:
                 opts = None
             elif KERNEL_OPTIONS[name] is None:
-                opts = flex.default_kernel_options(dtype, d, lay.is_padded, block)
+                opts = flex.default_kernel_options(dtype, d, lay.is_padded, block,
+                                                   has_partial=block_masks.has_partial_blocks(bm))
             else:
                 opts = dict(KERNEL_OPTIONS[name])
             row = {"tile": list(tile), "block": list(block), "options": name, "mask": build,

@@ -471,17 +471,23 @@ def test_flex_na_compiled_cpu_two_configs():
 
 def test_default_kernel_options():
     bf16 = torch.bfloat16
+    tma = dict(fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8, fwd_USE_TMA=True)
     opts = flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0))
-    assert opts == dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, USE_TMA=True, ROWS_GUARANTEED_SAFE=True)
+    assert opts == dict(tma, fwd_num_stages=2, ROWS_GUARANTEED_SAFE=True)
+    # no partial block: the mask_mod-free kernel has room for a third stage
+    opts = flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0), has_partial=False)
+    assert opts == dict(tma, fwd_num_stages=3, ROWS_GUARANTEED_SAFE=True)
     # 64-wide sparse KV blocks: torch's own sm90 pick, which divides them
     opts = flex.default_kernel_options(bf16, 128, False, (128, 64), (9, 0))
-    assert opts == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, ROWS_GUARANTEED_SAFE=True)
+    assert opts == dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=8, fwd_num_stages=3, ROWS_GUARANTEED_SAFE=True)
+    # forward options only: the backward keeps torch's heuristics
+    assert all(k.startswith("fwd_") or k == "ROWS_GUARANTEED_SAFE" for k in opts)
     # padding rows see nothing: the all-masked-row guard must stay on
     assert "ROWS_GUARANTEED_SAFE" not in flex.default_kernel_options(bf16, 128, True, (128, 128), (9, 0))
     # kernel blocks must divide the sparse blocks; other cards and dtypes keep torch's heuristics
-    assert "BLOCK_M" not in flex.default_kernel_options(bf16, 128, False, (64, 64), (9, 0))
-    assert "BLOCK_M" not in flex.default_kernel_options(bf16, 128, False, (128, 128), (8, 0))
-    assert "BLOCK_M" not in flex.default_kernel_options(torch.float32, 128, False, (128, 128), (9, 0))
+    for args in [(bf16, 128, False, (64, 64), (9, 0)), (bf16, 128, False, (128, 128), (8, 0)),
+                 (torch.float32, 128, False, (128, 128), (9, 0)), (bf16, 64, False, (128, 128), (9, 0))]:
+        assert flex.default_kernel_options(*args) == {"ROWS_GUARANTEED_SAFE": True}
 
 
 def test_recompile_headroom_is_scoped():

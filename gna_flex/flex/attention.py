@@ -21,7 +21,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from ..checks import check_inputs_for
 from ..layout import default_tile, permute, unpermute
 from ..spec import GNAParams
-from .block_masks import DEFAULT_BLOCK_SIZE, _block_sizes, block_mask, kernel_block_mask
+from .block_masks import DEFAULT_BLOCK_SIZE, _block_sizes, block_mask, has_partial_blocks, kernel_block_mask
 from .masks import _spec_from_params
 
 __all__ = ["flex_na", "tile_major_inputs", "tile_major_output", "default_kernel_options"]
@@ -75,20 +75,25 @@ def default_kernel_options(
     padded_rows: bool,
     block_size: tuple[int, int] = (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE),
     capability: Optional[tuple[int, int]] = None,
+    has_partial: bool = True,
 ) -> dict:
     """Flex kernel options used by :func:`flex_na` on CUDA when none are given.
 
-    * On sm90 (H100/H200), 16-bit inputs, head dim 128: ``BLOCK_M=128,
-      BLOCK_N=128, num_warps=8, num_stages=2, USE_TMA=True`` when the sparse
-      blocks are multiples of (128, 128), else ``BLOCK_N=64, num_stages=3``
-      (torch's own sm90 pick). A 128-row Q tile is exactly one 128-token
-      tile (one sparse Q block), so a Q program never straddles two KV lists.
-      On an H100 (``benchmarks/results/flex-opts-h100.json``, 11 option sets)
-      the 128-wide TMA variant was the fastest on the 3-D 30x48x80 / s16x8x8
-      config (31.7 ms vs 34.4 ms for torch's pick) and within 3% of the
-      fastest on the 2-D 256x256 / s16x16 one (11.0 ms vs 10.7 ms for
-      3 stages, which does not fit shared memory on the 3-D config). torch
-      turns TMA off by itself where the strides do not allow it.
+    * On sm90 (H100/H200), 16-bit inputs, head dim 128, sparse blocks that are
+      multiples of (128, 128), the forward kernel gets ``BLOCK_M=128,
+      BLOCK_N=128, num_warps=8, USE_TMA=True`` with 3 stages when the mask
+      has no partial block (its kernel runs the mask_mod-free twin,
+      :func:`~gna_flex.flex.block_masks.kernel_block_mask`) and 2 stages
+      otherwise (3 stages plus the exact mask_mod's scratch exceed shared
+      memory on 3-D grids). With (128, 64) blocks: ``BLOCK_N=64,
+      num_stages=3`` (torch's own sm90 pick). A 128-row Q tile is exactly one
+      sparse Q block, so a Q program never straddles two KV lists. Measured
+      on an H100 (``benchmarks/results/flex-opts-h100.json``,
+      ``flex-sel-h100.json``): on 30x48x80 / s16x8x8, 29.3 ms with 3 stages,
+      31.3 ms with 2, 34.4 ms with torch's pick; 2-D 256x256 / s16x16 and
+      1-D 32768 / s256 gain 6% and 9% from the third stage. torch turns TMA
+      off by itself where the strides do not allow it. These options carry
+      the ``fwd_`` prefix: the backward keeps torch's own choices.
     * ``ROWS_GUARANTEED_SAFE`` when no query row is padding: every grid
       query has a non-empty window (kernel_size >= 2), so the kernel may skip
       its all-masked-row guard. Padding rows (tile-major with a grid that is
@@ -100,9 +105,12 @@ def default_kernel_options(
         capability = torch.cuda.get_device_capability()
     if capability == (9, 0) and dtype in (torch.float16, torch.bfloat16) and head_dim == 128 and block_size[0] % 128 == 0:
         if block_size[1] % 128 == 0:
-            opts.update(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, USE_TMA=True)
+            fwd = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2 if has_partial else 3, USE_TMA=True)
         elif block_size[1] % 64 == 0:
-            opts.update(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+            fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        else:
+            fwd = {}
+        opts.update({f"fwd_{k}": v for k, v in fwd.items()})
     if not padded_rows:
         opts["ROWS_GUARANTEED_SAFE"] = True
     return opts
@@ -263,7 +271,7 @@ def flex_na(
     if kernel_options is None:
         kernel_options = (
             default_kernel_options(query.dtype, query.shape[-1], layout.is_padded, (bq, bk),
-                                   torch.cuda.get_device_capability(query.device))
+                                   torch.cuda.get_device_capability(query.device), has_partial_blocks(bm))
             if query.device.type == "cuda"
             else None
         )

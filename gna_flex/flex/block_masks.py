@@ -40,7 +40,7 @@ from torch.nn.attention.flex_attention import BlockMask, noop_mask
 from ..spec import GNAParams, axis_windows
 from .masks import _MARKER, MaskSpec, _cached_mask_mod, _device_key, _mask_impl, mask_spec
 
-__all__ = ["block_mask", "kernel_block_mask", "gna_params_of", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["block_mask", "kernel_block_mask", "has_partial_blocks", "gna_params_of", "DEFAULT_BLOCK_SIZE"]
 
 DEFAULT_BLOCK_SIZE = 128
 
@@ -301,6 +301,11 @@ def _build_block_mask(
     return bm
 
 
+def has_partial_blocks(bm: BlockMask) -> bool:
+    """Whether a mask from :func:`block_mask` has a partial block (True for masks from elsewhere)."""
+    return getattr(bm, "_gna_has_partial", True)
+
+
 def kernel_block_mask(bm: BlockMask) -> BlockMask:
     """The mask a compiled flex kernel needs: ``bm`` itself, or a mask_mod-free twin.
 
@@ -311,7 +316,7 @@ def kernel_block_mask(bm: BlockMask) -> BlockMask:
     less shared-memory scratch in the kernel. Only for compiled flex: eager
     flex ignores the block lists and evaluates the mask_mod everywhere.
     """
-    if getattr(bm, "_gna_has_partial", True):
+    if has_partial_blocks(bm):
         return bm
     twin = bm.__dict__.get("_gna_kernel_twin")
     if twin is None:
