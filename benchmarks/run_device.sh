@@ -37,6 +37,7 @@ steps=${*:-flex tests calibrate}
 for s in $steps; do
   case $s in
     flex) step bench_flex 330 python3 benchmarks/bench_flex.py --quick --out "$OUT/flex.json" ;;
+    flexfinal) step bench_flex_final 300 python3 benchmarks/bench_flex.py --options default --out "$OUT/flex.json" ;;
     flexab) step bench_flex_ab 330 python3 benchmarks/bench_flex.py --quick --configs 3d-s1,2d-s1 --mask-impl tables,arith --out "$OUT/flex_ab.json" ;;
     flexopts) step bench_flex_opts 330 python3 benchmarks/bench_flex.py --configs 3d-s16x8x8,2d-s16 --options all --rep 60 --out "$OUT/flex_opts.json" ;;
     flexall) step bench_flex_all 540 python3 benchmarks/bench_flex.py --out "$OUT/flex_all.json" ;;
