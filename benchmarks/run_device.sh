@@ -44,6 +44,7 @@ for s in $steps; do
     tests) step gpu_tests 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernel.py tests/gpu/test_flex_gpu.py tests/gpu/test_layout_gpu.py ;;
     layout) step layout_tests 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_layout_gpu.py
             step bench_layout 60 python3 benchmarks/bench_layout.py --out "$OUT/layout.json" ;;
+    alltests) step all_gpu_tests 420 python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
     backendtests) step backend_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_backend_gpu.py ;;
     calibrate) step calibrate_sim 200 python3 benchmarks/calibrate_sim.py --quick --out "$OUT/calibrate.json" ;;
     backend) step bench_backend 240 python3 benchmarks/bench_backend.py --out "$OUT/backend.json" ;;
