@@ -49,6 +49,7 @@ for s in $steps; do
     calibrate) step calibrate_sim 200 python3 benchmarks/calibrate_sim.py --quick --out "$OUT/calibrate.json" ;;
     backend) step bench_backend 240 python3 benchmarks/bench_backend.py --out "$OUT/backend.json" ;;
     diffusers) step bench_diffusers 540 python3 benchmarks/bench_diffusers.py --layer-scale 0.25 --out "$OUT/diffusers.json" ;;
+    diffusersfull) step bench_diffusers_full 440 python3 benchmarks/bench_diffusers.py --warmup 0 --reps 1 --out "$OUT/diffusers_full.json" ;;
     kernel) step bench_kernel 240 python3 benchmarks/bench_kernel.py --head-dim 128 64 --out "$OUT/kernel.json" ;;
     flexsel) step bench_flex_sel 300 python3 benchmarks/bench_flex.py --configs "${FLEX_CONFIGS:-3d-s16x8x8}" --options "${FLEX_OPTIONS:-default}" --rep 60 --out "$OUT/flex_sel.json" ;;
     flextests) step flex_tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_flex_gpu.py ;;

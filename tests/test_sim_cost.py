@@ -54,12 +54,13 @@ def test_packaged_constants_are_complete():
 def test_packaged_sm90_head_dim_efficiency_is_fitted_from_the_committed_results():
     table = load_calibration()["families"]["sm90"]["head_dim_efficiency"]
     assert table["reference"] == 128
-    # Measured on the H200 at head dim 64: both cuDNN and the fused kernel run well below their D=128 rate.
-    for part in ("dense", "kernel"):
-        assert 0.6 < table[part]["64"] < 0.9
-        assert table["fitted_from"][part]["64"]["files"] == ["benchmarks/results/kernel-h200.json"]
+    # Measured on the H100 at head dim 64 (bench_kernel.py's runs.d64: cuDNN, the fused kernel and the flex
+    # path): all three run well below their D=128 rate.
+    for part in ("dense", "kernel", "flex"):
+        assert 0.5 < table[part]["64"] < 0.9
+        assert table["fitted_from"][part]["64"]["files"] == ["benchmarks/results/kernel-h100.json"]
         assert table["fitted_from"][part]["64"]["records"] == 6
-    assert "64" not in table["flex"]  # never measured on the flex path
+        assert (ROOT / table["fitted_from"][part]["64"]["files"][0]).is_file()
 
 
 def test_estimate_terms_add_up_and_scale():
