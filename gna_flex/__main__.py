@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     predicted = estimate(report, 24, 128, 1, torch.bfloat16, device="sm90", path="kernel")
     print(f"NATTENSim, GPU example {gpu_cfg} with 24 heads, head dim 128, bf16: perfectly block-sparse "
           f"{'yes' if report.perfectly_block_sparse else 'no'}, predicted fused-kernel speedup "
-          f"{predicted.speedup:.2f}x over dense on an H200")
+          f"{predicted.speedup:.2f}x over dense on sm90 (H100/H200; constants calibrated on an H100)")
 
     # Correctness on a grid small enough for the dense reference, same parameters scaled down.
     small_grid, small_kernel, small_stride = (4, 12, 16), (3, 6, 8), (2, 4, 4)
