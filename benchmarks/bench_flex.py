@@ -62,18 +62,15 @@ class Config:
 # the border shift does for these grids) the config is perfectly
 # block-sparse: every visited block is full and the mask_mod never runs.
 CONFIGS = [
-    # Second layouts: 256-token Q blocks (a 4x8x8 / 16x16 / 256 tile is a whole stride group or half of one),
-    # for 256-row kernel programs that load each K/V block once for twice the queries.
-    Config("3d-s16x8x8", (30, 48, 80), (18, 24, 24), (16, 8, 8), [((2, 8, 8), (128, 128)), ((4, 8, 8), (256, 128))],
-           target=9.0),
+    Config("3d-s16x8x8", (30, 48, 80), (18, 24, 24), (16, 8, 8), [((2, 8, 8), (128, 128))], target=9.0),
     # Stride 1: most visited blocks are partial, so the mask_mod's cost and the
     # visited volume decide; these tiles visit the fewest blocks (see the
     # block_bound column).
     Config("3d-s1", (30, 48, 80), (18, 24, 24), 1,
            [((2, 8, 8), (128, 128)), ((4, 8, 4), (128, 128)), ((4, 4, 8), (128, 64))], target=2.0),
-    Config("2d-s16", (256, 256), (80, 80), (16, 16), [((16, 8), (128, 128)), ((16, 16), (256, 128))], target=8.0),
+    Config("2d-s16", (256, 256), (80, 80), (16, 16), [((16, 8), (128, 128))], target=8.0),
     Config("2d-s1", (256, 256), (80, 80), 1, [((16, 8), (128, 128)), ((16, 8), (128, 64))]),
-    Config("1d-s256", (32768,), 2048, 256, [((128,), (128, 128)), ((256,), (256, 128))], target=12.0),
+    Config("1d-s256", (32768,), 2048, 256, [((128,), (128, 128))], target=12.0),
     Config("1d-s1", (32768,), 2048, 1, [((128,), (128, 128))]),
 ]
 
@@ -100,8 +97,6 @@ KERNEL_OPTIONS = {
     "m128n128w8s3tma": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, USE_TMA=True),
     "m128n64w8s2": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     "m128n64w8s4": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
-    "m256n128w16s2tma": dict(BLOCK_M=256, BLOCK_N=128, num_warps=16, num_stages=2, USE_TMA=True),
-    "m256n64w16s3tma": dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3, USE_TMA=True),
     "torch": {},
 }
 DEFAULT_OPTION_SET = ["default", "m128n64w8s3", "m128n128w8s3tma"]
