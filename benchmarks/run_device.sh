@@ -52,6 +52,7 @@ for s in $steps; do
     diffusersfull) step bench_diffusers_full 440 python3 benchmarks/bench_diffusers.py --warmup 0 --reps 1 --out "$OUT/diffusers_full.json" ;;
     kernel) step bench_kernel 240 python3 benchmarks/bench_kernel.py --head-dim 128 64 --out "$OUT/kernel.json" ;;
     flexsel) step bench_flex_sel 300 python3 benchmarks/bench_flex.py --configs "${FLEX_CONFIGS:-3d-s16x8x8}" --options "${FLEX_OPTIONS:-default}" --rep 60 --out "$OUT/flex_sel.json" ;;
+    flexwide) step bench_flex_wide 300 python3 benchmarks/bench_flex.py --wide-q --configs 3d-s16x8x8,2d-s16,1d-s256 --options default,m256n128w16s2tma,m256n64w16s3tma --rep 60 --out "$OUT/flex_wide.json" ;;
     flextests) step flex_tests 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_flex_gpu.py ;;
     flexopts1d) step bench_flex_opts1d 150 python3 benchmarks/bench_flex.py --configs 1d-s256 --options all --rep 60 --out "$OUT/flex_opts1d.json" ;;
     *) echo "unknown step $s" ;;
