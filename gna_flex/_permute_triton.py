@@ -155,15 +155,19 @@ class _Unpermute(torch.autograd.Function):
         return _forward(grad, ctx.layout, ctx.length - ctx.layout.num_tokens), None
 
 
+# CUDA's grid limit on the launch's third dimension (one program row per batch element).
+_MAX_BATCH = 65535
+
+
 def permute_tokens(x: Tensor, layout, extra: int) -> Optional[Tensor]:
     """``x [B, *grid, *rest]`` -> ``[B, S_pad + extra, *rest]`` tile-major, or None when the path does not apply."""
-    if not available(x) or _token_strides(x, layout.ndim) is None or layout.ndim > 3:
+    if not available(x) or layout.ndim > 3 or x.shape[0] > _MAX_BATCH or _token_strides(x, layout.ndim) is None:
         return None
     return _Permute.apply(x, layout, extra)
 
 
 def unpermute_tokens(y: Tensor, layout) -> Optional[Tensor]:
     """``y [B, S_pad, *rest]`` tile-major -> ``[B, *grid, *rest]`` (padding dropped), or None when the path does not apply."""
-    if not available(y) or layout.ndim > 3:
+    if not available(y) or layout.ndim > 3 or y.shape[0] > _MAX_BATCH:
         return None
     return _Unpermute.apply(y, layout)
