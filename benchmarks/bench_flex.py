@@ -7,6 +7,7 @@ Usage (GPU machine, one process for all configs):
     python benchmarks/bench_flex.py --options all --configs 3d-s1
     python benchmarks/bench_flex.py --dry-run  # tiny shapes, CPU eager: checks the script itself
     python benchmarks/bench_flex.py --configs 3d-s1 --mask-impl tables,arith   # A/B the mask_mods
+    python benchmarks/bench_flex.py --wide-q --configs 2d-s16 --options default,m256n128w16s2tma
 
 bf16, batch 1, 24 heads, head dim 128. For each config and each (tile, block
 size, kernel options) variant it reports: the median time (``triton.testing.do_bench``)
