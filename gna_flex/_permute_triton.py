@@ -108,7 +108,7 @@ def _token_strides(x: Tensor, ndim: int) -> Optional[list[int]]:
     return [x.stride(0)] + _grid3(x.stride()[1 : 1 + ndim], 0)
 
 
-def _forward(x: Tensor, layout, extra: int) -> Tensor:
+def _to_tiles(x: Tensor, layout, extra: int) -> Tensor:
     n = layout.ndim
     rest = tuple(x.shape[1 + n :])
     payload = math.prod(rest)
@@ -120,7 +120,7 @@ def _forward(x: Tensor, layout, extra: int) -> Tensor:
     return y
 
 
-def _backward(y: Tensor, layout) -> Tensor:
+def _from_tiles(y: Tensor, layout) -> Tensor:
     n = layout.ndim
     rest = tuple(y.shape[2:])
     payload = math.prod(rest)
@@ -137,22 +137,22 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout, extra):
         ctx.layout = layout
-        return _forward(x, layout, extra)
+        return _to_tiles(x, layout, extra)
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(grad[:, : ctx.layout.num_tokens], ctx.layout), None, None
+        return _from_tiles(grad[:, : ctx.layout.num_tokens], ctx.layout), None, None
 
 
 class _Unpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, layout):
         ctx.layout, ctx.length = layout, y.shape[1]
-        return _backward(y, layout)
+        return _from_tiles(y, layout)
 
     @staticmethod
     def backward(ctx, grad):
-        return _forward(grad, ctx.layout, ctx.length - ctx.layout.num_tokens), None
+        return _to_tiles(grad, ctx.layout, ctx.length - ctx.layout.num_tokens), None
 
 
 # CUDA's grid limit on the launch's third dimension (one program row per batch element).

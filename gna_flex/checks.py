@@ -40,6 +40,16 @@ def _check_tensor(t: object, name: str) -> Tensor:
     return t
 
 
+def _check_like_query(t: Tensor, name: str, query: Tensor) -> None:
+    """``t`` shares the query's dtype, device and batch size (the checks every other input gets)."""
+    if t.dtype != query.dtype:
+        raise TypeError(f"{name} dtype {t.dtype} differs from query dtype {query.dtype}")
+    if t.device != query.device:
+        raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+    if t.shape[0] != query.shape[0]:
+        raise ValueError(f"{name} batch {t.shape[0]} differs from query batch {query.shape[0]}")
+
+
 def check_inputs(
     query: Tensor,
     key: Tensor,
@@ -81,12 +91,7 @@ def check_inputs(
             )
     for name in ("key", "value"):
         t = tensors[name]
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} differs from query dtype {query.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
-        if t.shape[0] != query.shape[0]:
-            raise ValueError(f"{name} batch {t.shape[0]} differs from query batch {query.shape[0]}")
+        _check_like_query(t, name, query)
         for axis in range(ndim):
             if t.shape[1 + axis] != query.shape[1 + axis]:
                 raise ValueError(
@@ -116,12 +121,7 @@ def check_inputs(
             _check_tensor(t, name)
             if t.dim() != 4:
                 raise ValueError(f"{name} must have 4 dims [B, E, heads_kv, D], got shape {tuple(t.shape)}")
-            if t.dtype != query.dtype:
-                raise TypeError(f"{name} dtype {t.dtype} differs from query dtype {query.dtype}")
-            if t.device != query.device:
-                raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
-            if t.shape[0] != query.shape[0]:
-                raise ValueError(f"{name} batch {t.shape[0]} differs from query batch {query.shape[0]}")
+            _check_like_query(t, name, query)
             if t.shape[2] != heads_kv:
                 raise ValueError(f"{name} has {t.shape[2]} heads but key has {heads_kv}")
         if additional_keys.shape[1] != additional_values.shape[1]:

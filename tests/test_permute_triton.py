@@ -47,14 +47,14 @@ def test_kernel_matches_torch_copies(interpreted, grid, tile, extra):
     # tokens strided (a slice of a fused qkv buffer), each token's heads*D payload contiguous
     x = torch.randn(2, *grid, 3, 2, 20, generator=gen).select(-3, 2)
     lay = layout.make_tile_layout(grid, tile)
-    y = pt._forward(x, lay, extra)
+    y = pt._to_tiles(x, lay, extra)
     expected, _ = _torch_permute(x, grid, tile, extra)
     assert y.shape == expected.shape and torch.equal(y, expected)
-    back = pt._backward(y[:, : lay.num_tokens], lay)
+    back = pt._from_tiles(y[:, : lay.num_tokens], lay)
     assert back.shape == x.shape and torch.equal(back, x)
     # the output side reads a strided view too (flex's output through its transpose)
     y_t = y[:, : lay.num_tokens].transpose(1, 2).contiguous().transpose(1, 2)
-    assert torch.equal(pt._backward(y_t, lay), x)
+    assert torch.equal(pt._from_tiles(y_t, lay), x)
 
 
 def test_token_strides_refuse_split_payloads():
