@@ -103,6 +103,11 @@ KERNEL_OPTIONS = {
     # the queries. Not measured yet.
     "m256n128w16s2tma": dict(BLOCK_M=256, BLOCK_N=128, num_warps=16, num_stages=2, USE_TMA=True),
     "m256n64w16s3tma": dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3, USE_TMA=True),
+    # The default 1-D choice plus BLOCKS_ARE_CONTIGUOUS: the kernel steps through a row's KV blocks without
+    # reading their indices. Only valid where every Q block's KV blocks are consecutive (1-D windows; the
+    # spot check catches misuse).
+    "m128n128w8s3tmacontig": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, USE_TMA=True,
+                                  BLOCKS_ARE_CONTIGUOUS=True),
     "torch": {},
 }
 # --wide-q: a second layout per strided config whose 256-token tile is a whole stride group (2-D, 1-D) or
