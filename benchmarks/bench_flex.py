@@ -89,6 +89,8 @@ DRY_CONFIGS = [
 # block; TMA loads free registers and issue slots on Hopper.
 KERNEL_OPTIONS = {
     "default": None,
+    # flex_na's choice with the FLASH backend ruled out (its Triton options)
+    "triton": "triton",
     "m128n64w8s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     "m128n128w8s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
     "m128n64w8s3tma": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=True),
@@ -109,12 +111,14 @@ KERNEL_OPTIONS = {
     "m128n128w8s3tmacontig": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, USE_TMA=True,
                                   BLOCKS_ARE_CONTIGUOUS=True),
     "torch": {},
+    # torch's FLASH backend (FlashAttention-4 CuTe-DSL kernels, package flash-attn-4).
+    "flash": dict(BACKEND="FLASH"),
 }
 # --wide-q: a second layout per strided config whose 256-token tile is a whole stride group (2-D, 1-D) or
 # half of one (3-D), with 128-token KV blocks.
 WIDE_Q_LAYOUTS = {"3d-s16x8x8": ((4, 8, 8), (256, 128)), "2d-s16": ((16, 16), (256, 128)),
                   "1d-s256": ((256,), (256, 128))}
-DEFAULT_OPTION_SET = ["default", "m128n64w8s3", "m128n128w8s3tma"]
+DEFAULT_OPTION_SET = ["default", "triton", "m128n64w8s3"]
 
 
 def parse_args(argv=None):
@@ -256,9 +260,10 @@ def run_config(cfg: Config, opt_names: list[str], args, device, dtype, baselines
         for name in opt_names:
             if not on_cuda:
                 opts = None
-            elif KERNEL_OPTIONS[name] is None:
+            elif KERNEL_OPTIONS[name] in (None, "triton"):
                 opts = flex.default_kernel_options(dtype, d, lay.is_padded, block,
-                                                   has_partial=block_masks.has_partial_blocks(bm))
+                                                   has_partial=block_masks.has_partial_blocks(bm), ndim=len(cfg.grid),
+                                                   flash=False if KERNEL_OPTIONS[name] == "triton" else None)
             else:
                 opts = dict(KERNEL_OPTIONS[name])
             row = {"tile": list(tile), "block": list(block), "options": name, "mask": build,
@@ -268,12 +273,13 @@ def run_config(cfg: Config, opt_names: list[str], args, device, dtype, baselines
                     row["skipped"] = "kernel block does not divide the sparse block"
                     entry["variants"].append(row)
                     continue
-                if not lay.is_padded:
+                if not lay.is_padded and not block_masks.has_partial_blocks(bm) and "BACKEND" not in opts:
+                    # safe only without partial blocks (see flex.default_kernel_options)
                     opts["ROWS_GUARANTEED_SAFE"] = True
             try:
                 fn = flex_attention_mod._compiled_flex() if on_cuda else flex_attention_mod.flex_attention
 
-                def kernel(fn=fn, qt=qt, kt=kt, vt=vt, bm=block_masks.kernel_block_mask(bm) if on_cuda else bm,
+                def kernel(fn=fn, qt=qt, kt=kt, vt=vt, bm=block_masks.kernel_block_mask(bm, opts) if on_cuda else bm,
                            opts=opts):
                     return fn(qt, kt, vt, block_mask=bm, kernel_options=opts)
 

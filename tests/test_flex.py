@@ -472,22 +472,56 @@ def test_flex_na_compiled_cpu_two_configs():
 def test_default_kernel_options():
     bf16 = torch.bfloat16
     tma = dict(fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8, fwd_USE_TMA=True)
-    opts = flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0))
-    assert opts == dict(tma, fwd_num_stages=2, ROWS_GUARANTEED_SAFE=True)
-    # no partial block: the mask_mod-free kernel has room for a third stage
-    opts = flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0), has_partial=False)
+    triton = dict(flash=False)
+    # partial blocks: the all-masked-row guard stays on (a partial block processed first can mask a whole row)
+    opts = flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0), **triton)
+    assert opts == dict(tma, fwd_num_stages=2)
+    # no partial block: the mask_mod-free kernel has room for a third stage, and no row is ever masked
+    opts = flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0), has_partial=False, **triton)
     assert opts == dict(tma, fwd_num_stages=3, ROWS_GUARANTEED_SAFE=True)
     # 64-wide sparse KV blocks: torch's own sm90 pick, which divides them
-    opts = flex.default_kernel_options(bf16, 128, False, (128, 64), (9, 0))
+    opts = flex.default_kernel_options(bf16, 128, False, (128, 64), (9, 0), has_partial=False, **triton)
     assert opts == dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=8, fwd_num_stages=3, ROWS_GUARANTEED_SAFE=True)
     # forward options only: the backward keeps torch's heuristics
     assert all(k.startswith("fwd_") or k == "ROWS_GUARANTEED_SAFE" for k in opts)
     # padding rows see nothing: the all-masked-row guard must stay on
-    assert "ROWS_GUARANTEED_SAFE" not in flex.default_kernel_options(bf16, 128, True, (128, 128), (9, 0))
+    assert "ROWS_GUARANTEED_SAFE" not in flex.default_kernel_options(bf16, 128, True, (128, 128), (9, 0),
+                                                                     has_partial=False, **triton)
     # kernel blocks must divide the sparse blocks; other cards and dtypes keep torch's heuristics
     for args in [(bf16, 128, False, (64, 64), (9, 0)), (bf16, 128, False, (128, 128), (8, 0)),
                  (torch.float32, 128, False, (128, 128), (9, 0)), (bf16, 64, False, (128, 128), (9, 0))]:
-        assert flex.default_kernel_options(*args) == {"ROWS_GUARANTEED_SAFE": True}
+        assert flex.default_kernel_options(*args, has_partial=False, **triton) == {"ROWS_GUARANTEED_SAFE": True}
+        assert flex.default_kernel_options(*args, **triton) == {}
+
+
+def test_default_kernel_options_backend_choice(monkeypatch):
+    bf16, flash = torch.bfloat16, {"BACKEND": "FLASH"}
+    monkeypatch.setattr(flex_attention_mod, "_flash_installed", lambda: True)
+    # measured faster on sm90 / head dim 128: masks without partial blocks, and 1-D / 2-D masks with them
+    assert flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0), has_partial=False, ndim=3) == flash
+    assert flex.default_kernel_options(bf16, 128, True, (128, 64), (9, 0), has_partial=True, ndim=2) == flash
+    # 3-D with partial blocks, other head dims, cards, dtypes and block sizes stay on Triton
+    for args, kw in [((bf16, 128, False, (128, 128), (9, 0)), dict(has_partial=True, ndim=3)),
+                     ((bf16, 64, False, (128, 128), (9, 0)), dict(has_partial=False, ndim=3)),
+                     ((bf16, 128, False, (128, 128), (8, 0)), dict(has_partial=False, ndim=1)),
+                     ((torch.float32, 128, False, (128, 128), (9, 0)), dict(has_partial=False, ndim=1)),
+                     ((bf16, 128, False, (256, 128), (9, 0)), dict(has_partial=False, ndim=1))]:
+        assert "BACKEND" not in flex.default_kernel_options(*args, **kw)
+    # FA4's block-sparse backward is not deterministic
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert "BACKEND" not in flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0), has_partial=False)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    # forced either way
+    assert "BACKEND" not in flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0), has_partial=False,
+                                                        flash=False)
+    assert flex.default_kernel_options(torch.float32, 64, False, (64, 64), (9, 0), flash=True) == flash
+    monkeypatch.setattr(flex_attention_mod, "_flash_installed", lambda: False)
+    assert "BACKEND" not in flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0), has_partial=False)
+    with pytest.raises(ValueError, match="flash-attn-4"):
+        flex.default_kernel_options(bf16, 128, False, (128, 128), (9, 0), flash=True)
 
 
 def test_recompile_headroom_is_scoped():

@@ -18,7 +18,7 @@ module that reads it: switch the default mask_mod for a run with
 ``gna_flex.flex.masks.DEFAULT_MASK_IMPL``.
 """
 
-from .attention import default_kernel_options, flex_na, tile_major_inputs, tile_major_output
+from .attention import default_kernel_options, flash_available, flex_na, tile_major_inputs, tile_major_output
 from .block_masks import DEFAULT_BLOCK_SIZE, block_mask, gna_params_of
 from .masks import MASK_IMPLS, MaskSpec, mask_mod, mask_spec
 
@@ -32,6 +32,7 @@ __all__ = [
     "tile_major_inputs",
     "tile_major_output",
     "default_kernel_options",
+    "flash_available",
     "DEFAULT_BLOCK_SIZE",
     "MASK_IMPLS",
 ]

@@ -10,7 +10,10 @@ options it uses on CUDA.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import inspect
+import math
 import warnings
 from typing import Callable, Optional
 
@@ -24,11 +27,53 @@ from ..spec import GNAParams
 from .block_masks import DEFAULT_BLOCK_SIZE, _block_sizes, block_mask, has_partial_blocks, kernel_block_mask
 from .masks import _spec_from_params
 
-__all__ = ["flex_na", "tile_major_inputs", "tile_major_output", "default_kernel_options"]
+__all__ = ["flex_na", "tile_major_inputs", "tile_major_output", "default_kernel_options", "flash_available"]
 
 _COMPILED_FLEX: Optional[Callable] = None
 # torch >= 2.9 returns the logsumexp through AuxRequest; return_lse is deprecated there.
 _HAS_AUX = "return_aux" in inspect.signature(flex_attention).parameters
+
+
+@functools.cache
+def _flash_lse_scaled_twice() -> bool:
+    """Whether this torch scales the FLASH backend's logsumexp by ln 2 as if it were base 2.
+
+    FlashAttention-4 returns a natural-log LSE; torch 2.11's flex_attention
+    multiplies every backend's LSE by ln 2 (right for its Triton kernels,
+    which keep base-2 statistics). Later torch tells the two apart
+    (``stats_are_log2``); :func:`flex_na` divides the ln 2 back out where
+    torch does not.
+    """
+    import torch.nn.attention.flex_attention as fa
+
+    try:
+        return "stats_are_log2" not in inspect.getsource(fa)
+    except (OSError, TypeError):  # no source shipped: assume the old behaviour
+        return True
+
+
+
+def _is_flash(kernel_options: Optional[dict]) -> bool:
+    return (kernel_options or {}).get("BACKEND") == "FLASH"
+
+
+@functools.cache
+def _flash_installed() -> bool:
+    """flash-attn-4's CuTe package is importable (looked up once per process)."""
+    try:
+        return importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def flash_available(device=None) -> bool:
+    """Whether torch's ``BACKEND="FLASH"`` flex kernels can run on ``device``.
+
+    They are FlashAttention-4's CuTe-DSL kernels (package ``flash-attn-4``,
+    ``pip install "flash-attn-4[cu13]"``), run by compiled ``flex_attention``
+    on Hopper (sm90) and Blackwell (sm100) GPUs.
+    """
+    return torch.cuda.is_available() and _flash_installed() and torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 def _lse_request() -> dict:
@@ -69,6 +114,25 @@ def _recompile_headroom():
     return dynamo_config.patch(**limits)
 
 
+def _flash_pays(dtype: torch.dtype, head_dim: int, block_size: tuple[int, int],
+                capability: Optional[tuple[int, int]], has_partial: bool, ndim: Optional[int]) -> bool:
+    """Where the FLASH backend measured faster than gna_flex's Triton options (H100, head dim 128).
+
+    ``benchmarks/results/flex-flash-h100.json``: 1.3x-1.4x on every perfectly
+    block-sparse benchmark mask and 1.1x-1.3x on the 1-D / 2-D stride-1
+    masks, but 0.75x on the 3-D stride-1 mask with (128, 128) blocks, whose
+    partial blocks evaluate the mask_mod per element. Other cards, head dims
+    and block sizes stay on Triton until measured.
+    """
+    return (
+        capability is not None and capability[0] == 9
+        and dtype in (torch.float16, torch.bfloat16) and head_dim == 128
+        and block_size[0] == 128 and block_size[1] in (64, 128)
+        and (not has_partial or (ndim is not None and ndim <= 2))
+        and not torch.are_deterministic_algorithms_enabled()  # FA4's block-sparse backward is not deterministic
+    )
+
+
 def default_kernel_options(
     dtype: torch.dtype,
     head_dim: int,
@@ -76,13 +140,37 @@ def default_kernel_options(
     block_size: tuple[int, int] = (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE),
     capability: Optional[tuple[int, int]] = None,
     has_partial: bool = True,
+    ndim: Optional[int] = None,
+    flash: Optional[bool] = None,
 ) -> dict:
     """Flex kernel options used by :func:`flex_na` on CUDA when none are given.
 
-    * On sm90 (H100/H200), 16-bit inputs, head dim 128, sparse blocks that are
-      multiples of (128, 128), the forward kernel gets ``BLOCK_M=128,
-      BLOCK_N=128, num_warps=8, USE_TMA=True`` with 3 stages when the mask
-      has no partial block (its kernel runs the mask_mod-free twin,
+    Args:
+        dtype, head_dim: of q/k/v.
+        padded_rows: some query rows are padding (tile-major order of a grid
+            that is not a tile multiple).
+        block_size: sparse ``(Q, KV)`` block size of the mask.
+        capability: the GPU's compute capability (default: the current device's).
+        has_partial: the mask has partial blocks (:func:`~gna_flex.flex.block_masks.has_partial_blocks`).
+        ndim: number of grid axes (1, 2 or 3), for the backend choice.
+        flash: ``True`` / ``False`` to force torch's FLASH backend on or off;
+            ``None`` picks it where it measured faster (below) and
+            :func:`flash_available`.
+
+    * **FLASH** (``{"BACKEND": "FLASH"}``, FlashAttention-4's CuTe-DSL kernels
+      through compiled flex_attention; needs the ``flash-attn-4`` package):
+      on sm90, 16-bit, head dim 128, Q blocks of 128 and KV blocks of 128 or
+      64, for masks without partial blocks or on 1-D / 2-D grids. Measured on
+      an H100 (``benchmarks/results/flex-flash-h100.json``, kernel alone):
+      30x48x80 / s16x8x8 22.1 ms vs 29.7 ms with the Triton options below,
+      256x256 / s16x16 8.2 vs 10.7 ms, 32768 / s256 1.40 vs 1.90 ms, 2-D and
+      1-D stride 1 16.5 vs 19.5 and 1.74 vs 2.12 ms; 3-D stride 1 with
+      (128, 128) blocks 144 vs 108 ms, so 3-D masks with partial blocks stay
+      on Triton.
+    * **Triton** otherwise. On sm90, 16-bit, head dim 128, sparse blocks that
+      are multiples of (128, 128): ``BLOCK_M=128, BLOCK_N=128, num_warps=8,
+      USE_TMA=True`` with 3 stages when the mask has no partial block (its
+      kernel runs the mask_mod-free twin,
       :func:`~gna_flex.flex.block_masks.kernel_block_mask`) and 2 stages
       otherwise (3 stages plus the exact mask_mod's scratch exceed shared
       memory on 3-D grids). With (128, 64) blocks: ``BLOCK_N=64,
@@ -94,15 +182,22 @@ def default_kernel_options(
       1-D 32768 / s256 gain 6% and 9% from the third stage. torch turns TMA
       off by itself where the strides do not allow it. These options carry
       the ``fwd_`` prefix: the backward keeps torch's own choices.
-    * ``ROWS_GUARANTEED_SAFE`` when no query row is padding: every grid
-      query has a non-empty window (kernel_size >= 2), so the kernel may skip
-      its all-masked-row guard. Padding rows (tile-major with a grid that is
-      not a tile multiple) see nothing, so the guard stays on for them.
-    Everything else is left to torch's heuristics.
+      ``ROWS_GUARANTEED_SAFE`` only when the mask has no partial block and no
+      query row is padding: the Triton kernel drops its guard for rows whose
+      running maximum is still -inf, and a partial block processed first can
+      mask a whole row (its window lies in later blocks), which would then
+      turn into NaN.
     """
     opts: dict = {}
     if capability is None and torch.cuda.is_available():
         capability = torch.cuda.get_device_capability()
+    if flash is None:
+        flash = _flash_pays(dtype, head_dim, block_size, capability, has_partial, ndim) and _flash_installed()
+    elif flash and not (_flash_installed() and capability is not None and capability[0] in (9, 10)):
+        raise ValueError("flash=True needs torch's FLASH flex backend: the flash-attn-4 package "
+                         "(pip install \"flash-attn-4[cu13]\") and an sm90/sm100 GPU")
+    if flash:
+        return {"BACKEND": "FLASH"}
     if capability == (9, 0) and dtype in (torch.float16, torch.bfloat16) and head_dim == 128 and block_size[0] % 128 == 0:
         if block_size[1] % 128 == 0:
             fwd = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2 if has_partial else 3, USE_TMA=True)
@@ -111,7 +206,7 @@ def default_kernel_options(
         else:
             fwd = {}
         opts.update({f"fwd_{k}": v for k, v in fwd.items()})
-    if not padded_rows:
+    if not padded_rows and not has_partial:
         opts["ROWS_GUARANTEED_SAFE"] = True
     return opts
 
@@ -271,7 +366,8 @@ def flex_na(
     if kernel_options is None:
         kernel_options = (
             default_kernel_options(query.dtype, query.shape[-1], layout.is_padded, (bq, bk),
-                                   torch.cuda.get_device_capability(query.device), has_partial_blocks(bm))
+                                   torch.cuda.get_device_capability(query.device), has_partial_blocks(bm),
+                                   ndim=params.ndim)
             if query.device.type == "cuda"
             else None
         )
@@ -281,11 +377,13 @@ def flex_na(
         out, lse = _CpuFlexAttention.apply(qt, kt, vt, bm, scale, gqa)
     elif compile:
         with _recompile_headroom():
-            out, lse = _run_flex(_compiled_flex(), qt, kt, vt, kernel_block_mask(bm), scale, gqa,
+            out, lse = _run_flex(_compiled_flex(), qt, kt, vt, kernel_block_mask(bm, kernel_options), scale, gqa,
                                  kernel_options or None, return_lse)
     else:
         out, lse = _run_flex(flex_attention, qt, kt, vt, bm, scale, gqa, kernel_options or None, return_lse)
     out = tile_major_output(out, layout)
     if not return_lse:
         return out
+    if compile and _is_flash(kernel_options) and _flash_lse_scaled_twice():
+        lse = lse / math.log(2.0)
     return out, unpermute(lse.transpose(1, 2), layout).float().contiguous()

@@ -306,17 +306,21 @@ def has_partial_blocks(bm: BlockMask) -> bool:
     return getattr(bm, "_gna_has_partial", True)
 
 
-def kernel_block_mask(bm: BlockMask) -> BlockMask:
+def kernel_block_mask(bm: BlockMask, kernel_options: Optional[dict] = None) -> BlockMask:
     """The mask a compiled flex kernel needs: ``bm`` itself, or a mask_mod-free twin.
 
-    When :func:`block_mask` found no partial block, the kernel never calls the
-    mask_mod (every visited block is full), so the twin (the same block
-    tensors and marker, ``noop_mask`` as its mask_mod) gives the same result
-    with the partial-block path compiled down to nothing: fewer registers and
-    less shared-memory scratch in the kernel. Only for compiled flex: eager
-    flex ignores the block lists and evaluates the mask_mod everywhere.
+    When :func:`block_mask` found no partial block, the Triton kernel never
+    calls the mask_mod (every visited block is full), so the twin (the same
+    block tensors and marker, ``noop_mask`` as its mask_mod) gives the same
+    result with the partial-block path compiled down to nothing: fewer
+    registers and less shared-memory scratch in the kernel. Only for compiled
+    flex: eager flex ignores the block lists and evaluates the mask_mod
+    everywhere. With ``kernel_options["BACKEND"] == "FLASH"`` the mask is
+    returned unchanged: torch's FLASH backend drops the block lists of a
+    mask whose mask_mod is a no-op and would run dense attention (the CuTe
+    kernel skips the mask_mod on full blocks anyway).
     """
-    if has_partial_blocks(bm):
+    if has_partial_blocks(bm) or (kernel_options or {}).get("BACKEND") == "FLASH":
         return bm
     twin = bm.__dict__.get("_gna_kernel_twin")
     if twin is None:

@@ -212,26 +212,34 @@ def _make_table_mask_mod(spec: MaskSpec, device: torch.device) -> Callable:
     # Python constants, fixed by the grid, order and extra-token count (which
     # fix the sequence anyway): Dynamo guards them, the tables' values are not.
     last = spec.valid_tokens
+    width = last + 1
     has_extra = spec.extra_tokens > 0
+    # The mask_mod reads the tables flat, row r of a table at offset r * width:
+    # every load is indexed by an expression of q_idx / kv_idx, never by a
+    # constant row select (torch's CuTe-DSL lowering for BACKEND="FLASH"
+    # cannot index with a bare constant).
+    q_flat, k_flat = q_table.reshape(-1), k_table.reshape(-1)
 
     def gna_table_mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         # Loads run per query row ([M, 1] in flex's kernel) or per key column
-        # ([1, N]); only the compares run per (query, key) element. The clamp
-        # maps past-the-end indices (any q_len / kv_len) to the sentinel, so
-        # every load stays inside the tables.
-        qi = torch.clamp(q_idx, 0, last)
-        ki = torch.clamp(kv_idx, 0, last)
+        # ([1, N]); only the compares run per (query, key) element. Indices
+        # past the end (any q_len / kv_len) go to the sentinel, so every load
+        # stays inside the tables (indices are never negative). A select, not
+        # a clamp: the CuTe-DSL lowering has no min/max.
+        qi = torch.where(q_idx < last, q_idx, last)
+        ki = torch.where(kv_idx < last, kv_idx, last)
         near = None
         for a in range(n):
-            key = k_table[a][ki]
-            m = (q_table[2 * a][qi] <= key) & (key < q_table[2 * a + 1][qi])
+            key = k_flat[ki + a * width] if a else k_flat[ki]
+            lo = q_flat[qi + 2 * a * width] if a else q_flat[qi]
+            m = (lo <= key) & (key < q_flat[qi + (2 * a + 1) * width])
             near = m if near is None else near & m
         if not has_extra:
             return near
-        return near | ((q_table[2 * n][qi] != 0) & (k_table[n][ki] != 0))
+        return near | ((q_flat[qi + 2 * n * width] != 0) & (k_flat[ki + n * width] != 0))
 
     marker = (spec.params, spec.tile, spec.extra_tokens)
-    for obj in (gna_table_mask_mod, q_table, k_table):
+    for obj in (gna_table_mask_mod, q_flat, k_flat):
         setattr(obj, _MARKER, marker)
     return gna_table_mask_mod
 
