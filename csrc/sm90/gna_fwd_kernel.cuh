@@ -417,6 +417,28 @@ struct GnaFwd {
         for (int i = 0; i < size(s2); ++i) p2(i) = Conv::convert(s2(i));
       };
 
+      // Issue S = Q K^T for the K tile in `stage` (S overwritten), then commit the batch.
+      auto issue_qk = [&](int stage) {
+        warpgroup_fence_operand(tSrS);
+        warpgroup_arrive();
+        mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+        CUTE_UNROLL
+        for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+          cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+          mma_qk.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+      };
+      // Issue O += P V for the V tile in `stage`, then commit the batch.
+      auto issue_pv = [&](int stage) {
+        warpgroup_fence_operand(tOrP);
+        warpgroup_fence_operand(tOrO);
+        warpgroup_arrive();
+        CUTE_UNROLL
+        for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrO);
+        warpgroup_commit_batch();
+      };
+
       Bar::wait(&sm.q_full, n_item & 1);
       const int n_tiles = it.grid_tiles + n_extra_tiles;
 
@@ -426,15 +448,7 @@ struct GnaFwd {
       int k_stage = kv_iter % kStages;
       int k_phase = (kv_iter / kStages) & 1;
       Bar::wait(&sm.k_full[k_stage], k_phase);
-      warpgroup_fence_operand(tSrS);
-      warpgroup_arrive();
-      mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-        cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, k_stage), tSrS);
-        mma_qk.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
+      issue_qk(k_stage);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       Bar::arrive(&sm.k_empty[k_stage]);
@@ -453,24 +467,10 @@ struct GnaFwd {
         // Ping-pong: the two warpgroups take turns issuing their GEMM pair,
         // so one's softmax runs while the other's GEMMs use the tensor cores.
         if (p.pingpong) cutlass::arch::NamedBarrier::sync(kConsumerThreads, kTurnBarrier + my_wg);
-        warpgroup_fence_operand(tSrS);
-        warpgroup_arrive();
-        mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
-        CUTE_UNROLL
-        for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-          cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, k_stage), tSrS);
-          mma_qk.accumulate_ = GMMA::ScaleOut::One;
-        }
-        warpgroup_commit_batch();
+        issue_qk(k_stage);
 
         Bar::wait(&sm.v_full[v_stage], v_phase);
-        warpgroup_fence_operand(tOrP);
-        warpgroup_fence_operand(tOrO);
-        warpgroup_arrive();
-        CUTE_UNROLL
-        for (int kb = 0; kb < size<2>(tOrP); ++kb)
-          cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, v_stage), tOrO);
-        warpgroup_commit_batch();
+        issue_pv(v_stage);
         if (p.pingpong) cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kTurnBarrier + 1 - my_wg);
 
         warpgroup_wait<1>();  // QK^T of tile t done; PV of tile t-1 may still run
@@ -491,12 +491,7 @@ struct GnaFwd {
 
       // PV of the last tile.
       Bar::wait(&sm.v_full[k_stage], k_phase);
-      warpgroup_fence_operand(tOrP);
-      warpgroup_fence_operand(tOrO);
-      warpgroup_arrive();
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, k_stage), tOrO);
-      warpgroup_commit_batch();
+      issue_pv(k_stage);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(tOrP);
