@@ -4,6 +4,10 @@
 # time limit, skipping what would run past BUDGET seconds. Logs and result files go to $OUT.
 #   .whl/    nvidia-cutlass 4.2.0.0, natten 0.21.7, diffusers 0.42.1 and importlib_metadata wheels
 #   .whl/kt/ pytest + hypothesis wheels (python3 -m pip download --no-deps --only-binary=:all: -d .whl ...)
+#   (benchmarks/fetch_device_wheels.sh fills .whl/; wheels that are absent are skipped)
+#   .fa4/fa4site.tar.xz  optional: flash-attn-4 and the CuTe DSL (benchmarks/fetch_flash_wheels.sh), for the
+#            FLASH flex backend. With it, carry [".fa4", ".whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl"]
+#            (the whole .whl/ does not fit beside it); the device image has pytest and hypothesis.
 # Usage: GNA_FLEX_COMMIT=<hash> bash benchmarks/run_device.sh [steps...]   (default: flex tests calibrate)
 # flexsel: bench_flex on $FLEX_CONFIGS (comma-separated names) with $FLEX_OPTIONS (option-set names).
 # GNA_FLEX_COMMIT: the commit of the tree being copied over. The device copy has no .git, so without it every
@@ -18,9 +22,18 @@ if [ -n "$GNA_FLEX_COMMIT" ]; then export GNA_FLEX_COMMIT; echo "commit: $GNA_FL
 else echo "commit: GNA_FLEX_COMMIT not set: result files will record \"unknown\""; fi
 # The source tree is used in place: map gna_flex.passes to passes/ as an install would.
 [ -e gna_flex/passes ] || ln -s ../passes gna_flex/passes
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-  --upgrade .whl/kt/*.whl .whl/natten-*.whl $(ls .whl/diffusers-*.whl .whl/importlib_metadata-*.whl 2>/dev/null) || exit 1
+wheels=$(ls .whl/kt/*.whl .whl/natten-*.whl .whl/diffusers-*.whl .whl/importlib_metadata-*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site --upgrade $wheels || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD
+# torch's FLASH flex backend, when .fa4/fa4site.tar.xz was carried (benchmarks/fetch_flash_wheels.sh);
+# its .pth is not read from PYTHONPATH, so the CuTe DSL's package folder goes there by hand.
+if [ -f .fa4/fa4site.tar.xz ]; then
+  python3 -c "import tarfile; tarfile.open('.fa4/fa4site.tar.xz').extractall('/tmp/site')" || exit 1
+  export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+  echo "flash-attn-4 unpacked at ${SECONDS} s"
+fi
 python3 -c "import zipfile; z=zipfile.ZipFile('.whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl'); z.extractall('/tmp/cl', [n for n in z.namelist() if n.startswith('cutlass_library/source/include/')])" || exit 1
 export CUTLASS_INCLUDE=/tmp/cl/cutlass_library/source/include
 GNA_FLEX_CUDA_ARCH=90a python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
@@ -38,13 +51,14 @@ for s in $steps; do
   case $s in
     flex) step bench_flex 330 python3 benchmarks/bench_flex.py --quick --out "$OUT/flex.json" ;;
     flexfinal) step bench_flex_final 300 python3 benchmarks/bench_flex.py --options default --out "$OUT/flex.json" ;;
+    flexflash) step bench_flex_flash 330 python3 benchmarks/bench_flex.py --options default,triton --rep 60 --out "$OUT/flex.json" ;;
     flexab) step bench_flex_ab 330 python3 benchmarks/bench_flex.py --quick --configs 3d-s1,2d-s1 --mask-impl tables,arith --out "$OUT/flex_ab.json" ;;
     flexopts) step bench_flex_opts 330 python3 benchmarks/bench_flex.py --configs 3d-s16x8x8,2d-s16 --options all --rep 60 --out "$OUT/flex_opts.json" ;;
     flexall) step bench_flex_all 540 python3 benchmarks/bench_flex.py --out "$OUT/flex_all.json" ;;
-    tests) step gpu_tests 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernel.py tests/gpu/test_flex_gpu.py tests/gpu/test_layout_gpu.py ;;
+    tests) step gpu_tests 420 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernel.py tests/gpu/test_flex_gpu.py tests/gpu/test_layout_gpu.py ;;
     layout) step layout_tests 60 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_layout_gpu.py
             step bench_layout 60 python3 benchmarks/bench_layout.py --out "$OUT/layout.json" ;;
-    alltests) step all_gpu_tests 420 python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+    alltests) step all_gpu_tests 520 python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
     backendtests) step backend_tests 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_backend_gpu.py ;;
     calibrate) step calibrate_sim 200 python3 benchmarks/calibrate_sim.py --quick --out "$OUT/calibrate.json" ;;
     backend) step bench_backend 240 python3 benchmarks/bench_backend.py --out "$OUT/backend.json" ;;
