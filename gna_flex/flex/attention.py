@@ -52,7 +52,6 @@ def _flash_lse_scaled_twice() -> bool:
         return True
 
 
-
 def _is_flash(kernel_options: Optional[dict]) -> bool:
     return (kernel_options or {}).get("BACKEND") == "FLASH"
 
