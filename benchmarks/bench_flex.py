@@ -273,8 +273,8 @@ def run_config(cfg: Config, opt_names: list[str], args, device, dtype, baselines
                     row["skipped"] = "kernel block does not divide the sparse block"
                     entry["variants"].append(row)
                     continue
-                if not lay.is_padded and not block_masks.has_partial_blocks(bm) and "BACKEND" not in opts:
-                    # safe only without partial blocks (see flex.default_kernel_options)
+                if "BACKEND" not in opts and flex_attention_mod.rows_guaranteed_safe(
+                        lay.is_padded, block_masks.has_partial_blocks(bm)):
                     opts["ROWS_GUARANTEED_SAFE"] = True
             try:
                 fn = flex_attention_mod._compiled_flex() if on_cuda else flex_attention_mod.flex_attention

@@ -27,7 +27,8 @@ from ..spec import GNAParams
 from .block_masks import DEFAULT_BLOCK_SIZE, _block_sizes, block_mask, has_partial_blocks, kernel_block_mask
 from .masks import _spec_from_params
 
-__all__ = ["flex_na", "tile_major_inputs", "tile_major_output", "default_kernel_options", "flash_available"]
+__all__ = ["flex_na", "tile_major_inputs", "tile_major_output", "default_kernel_options", "rows_guaranteed_safe",
+           "flash_available"]
 
 _COMPILED_FLEX: Optional[Callable] = None
 # torch >= 2.9 returns the logsumexp through AuxRequest; return_lse is deprecated there.
@@ -132,6 +133,17 @@ def _flash_pays(dtype: torch.dtype, head_dim: int, block_size: tuple[int, int],
     )
 
 
+def rows_guaranteed_safe(padded_rows: bool, has_partial: bool) -> bool:
+    """Whether the Triton flex kernel may drop its guard for fully masked rows (``ROWS_GUARANTEED_SAFE``).
+
+    Only when the mask has no partial block and no query row is padding. The
+    guard covers rows whose running maximum is still -inf after a block; with
+    partial blocks (visited first) a query's first block can hold none of its
+    window, and without the guard that row turns into NaN.
+    """
+    return not padded_rows and not has_partial
+
+
 def default_kernel_options(
     dtype: torch.dtype,
     head_dim: int,
@@ -181,11 +193,8 @@ def default_kernel_options(
       1-D 32768 / s256 gain 6% and 9% from the third stage. torch turns TMA
       off by itself where the strides do not allow it. These options carry
       the ``fwd_`` prefix: the backward keeps torch's own choices.
-      ``ROWS_GUARANTEED_SAFE`` only when the mask has no partial block and no
-      query row is padding: the Triton kernel drops its guard for rows whose
-      running maximum is still -inf, and a partial block processed first can
-      mask a whole row (its window lies in later blocks), which would then
-      turn into NaN.
+      ``ROWS_GUARANTEED_SAFE`` where :func:`rows_guaranteed_safe` allows it
+      (no partial block, no padding row).
     """
     opts: dict = {}
     if capability is None and torch.cuda.is_available():
@@ -205,7 +214,7 @@ def default_kernel_options(
         else:
             fwd = {}
         opts.update({f"fwd_{k}": v for k, v in fwd.items()})
-    if not padded_rows and not has_partial:
+    if rows_guaranteed_safe(padded_rows, has_partial):
         opts["ROWS_GUARANTEED_SAFE"] = True
     return opts
 
